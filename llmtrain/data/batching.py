@@ -1,0 +1,167 @@
+"""Deterministic, resumable global batches; padding-free packing; collation to tensors.
+
+The order of training data is a pure function of (seed, position): epoch e shuffles the units
+with a generator seeded by (seed, e) and, with packing, packs them greedily (in that order)
+into rows of at most data.max_seq_len tokens. Rows form one endless stream; optimizer step s
+consumes rows [s*G, (s+1)*G) with G = micro_batch_size * grad_accum * world_size, and rank r's
+micro-batch m takes the slice starting at ((m * world_size) + r) * micro_batch_size.
+
+So the whole data position is one integer (rows consumed), every rank knows the global batch
+(no communication to count a step's target tokens), and the global batch is the same for any
+(world_size, grad_accum) with the same product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .chat import IGNORE_INDEX
+
+
+def pack_next_fit(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[list[int]]:
+    """Units in `order` -> rows of consecutive units whose lengths sum to <= max_len.
+
+    Next-fit keeps the shuffled order (so the data order stays a function of the seed) and
+    wastes little: rows fill to max_len minus less than one sample.
+    """
+    rows, row, used = [], [], 0
+    for u in order.tolist():
+        n = int(lengths[u])
+        if row and used + n > max_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(u)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+class RowStream:
+    """Epoch-by-epoch shuffled (and packed) rows of unit indices, addressable by position."""
+
+    def __init__(self, lengths: np.ndarray, seed: int, packing: bool, max_len: int, shuffle: bool = True):
+        if len(lengths) == 0:
+            raise ValueError("no training samples left after filtering; check data.train and the bad-row report")
+        self.lengths, self.seed, self.packing, self.max_len, self.shuffle = lengths, seed, packing, max_len, shuffle
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._starts = [0]  # _starts[e] = first global row index of epoch e
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            n = len(self.lengths)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            rows = pack_next_fit(order, self.lengths, self.max_len) if self.packing else [[u] for u in order.tolist()]
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}  # keep memory bounded
+            self._epochs[epoch] = rows
+        return self._epochs[epoch]
+
+    def rows(self, start: int, count: int) -> list[list[int]]:
+        out = []
+        while len(self._starts) <= 1 or self._starts[-1] <= start + count:
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self.epoch_rows(e)))
+        pos = start
+        while len(out) < count:
+            e = max(i for i, s in enumerate(self._starts[:-1]) if s <= pos)
+            rows = self.epoch_rows(e)
+            take = rows[pos - self._starts[e]: pos - self._starts[e] + count - len(out)]
+            out.extend(take)
+            pos += len(take)
+        return out
+
+    def epoch_of(self, pos: int) -> int:
+        return max(i for i, s in enumerate(self._starts[:-1]) if s <= pos) if len(self._starts) > 1 else 0
+
+
+@dataclass
+class StepPlan:
+    micro_batches: list  # this rank's micro-batches: each a list of rows, a row a list of unit ids
+    global_weight: int  # normaliser of the step's loss: target tokens (SFT) or pairs (DPO), all ranks
+    global_tokens: int  # real (non-padding) tokens of the step, all ranks
+    epoch: float  # fractional epoch reached, for logs
+
+
+class BatchPlanner:
+    def __init__(self, stream: RowStream, unit_weights: np.ndarray, *, micro_batch_size: int, grad_accum: int,
+                 world_size: int, rank: int):
+        self.stream, self.unit_weights = stream, unit_weights
+        self.mbs, self.ga, self.world, self.rank = micro_batch_size, grad_accum, world_size, rank
+        self.rows_per_step = micro_batch_size * grad_accum * world_size
+        self.rows_consumed = 0
+
+    def next_step(self) -> StepPlan:
+        rows = self.stream.rows(self.rows_consumed, self.rows_per_step)
+        self.rows_consumed += self.rows_per_step
+        mine = []
+        for m in range(self.ga):
+            start = (m * self.world + self.rank) * self.mbs
+            mine.append(rows[start: start + self.mbs])
+        units = [u for row in rows for u in row]
+        e = self.stream.epoch_of(self.rows_consumed - 1)
+        return StepPlan(
+            micro_batches=mine,
+            global_weight=int(self.unit_weights[units].sum()),
+            global_tokens=int(self.stream.lengths[units].sum()),
+            epoch=float(e),
+        )
+
+    def state_dict(self) -> dict:
+        return {"rows_consumed": self.rows_consumed, "rows_per_step": self.rows_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows_consumed = int(state["rows_consumed"])
+
+
+def eval_micro_batches(lengths: np.ndarray, packing: bool, max_len: int, micro_batch_size: int, world_size: int,
+                       rank: int, max_batches: int = 0) -> list[list[list[int]]]:
+    """Every eval unit exactly once, in file order, rows dealt round-robin to ranks."""
+    stream = RowStream(lengths, seed=0, packing=packing, max_len=max_len, shuffle=False)
+    rows = stream.epoch_rows(0)
+    mine = rows[rank::world_size]
+    batches = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    # every rank must run the same number of forwards (ZeRO-3 gathers are collective)
+    n = -(-len(rows) // world_size)
+    n = -(-n // micro_batch_size)
+    batches += [[] for _ in range(n - len(batches))]
+    return batches[:max_batches] if max_batches else batches
+
+
+def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of sequences -> padded tensors (right padding).
+
+    Within a row, position_ids restart at 0 for each sequence: transformers then builds a
+    block-diagonal causal mask (sdpa/eager/flex; flash-attn varlen) so sequences never see each
+    other, provided no attention_mask and no cache is passed. The first label of each sequence
+    is masked: nothing before it in the row belongs to its sample. Padding continues the last
+    sequence's positions; causal attention means real tokens never look at it, so unpacked
+    batches need no attention_mask either (and keep sdpa's fast causal path).
+
+    Returns input_ids, labels, position_ids (B, L) and seq_index (B, L): the sequence number
+    (in the order given) of every position, -1 on padding — used to sum per-sequence log-probs.
+    """
+    width = max((sum(len(i) for i, _ in row) for row in seqs), default=1) or 1
+    B = max(1, len(seqs))
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    seq_index = torch.full((B, width), -1, dtype=torch.long)
+    k = 0
+    for b, row in enumerate(seqs):
+        pos = 0
+        for ids, lab in row:
+            n = len(ids)
+            input_ids[b, pos: pos + n] = torch.from_numpy(ids.astype(np.int64))
+            labels[b, pos: pos + n] = torch.from_numpy(lab.astype(np.int64))
+            labels[b, pos] = IGNORE_INDEX
+            position_ids[b, pos: pos + n] = torch.arange(n)
+            seq_index[b, pos: pos + n] = k
+            pos += n
+            k += 1
+        if pos < width:
+            last = int(position_ids[b, pos - 1]) + 1 if pos else 0
+            position_ids[b, pos:] = torch.arange(last, last + width - pos)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_index": seq_index,
+            "num_seqs": torch.tensor(k)}

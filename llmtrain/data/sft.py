@@ -1,0 +1,78 @@
+"""SFT data: chat sources -> tokenized, assistant-masked sequences (a `SampleSet`).
+
+Length policy (data.truncation), applied after the chat template:
+  truncate  keep the first data.max_seq_len tokens; a sample left with no trained token
+            (its answer started past the limit) is skipped and counted as a bad row
+  drop      skip any sample longer than data.max_seq_len (counted separately, not as bad)
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from ..config import SourceConfig
+from .chat import IGNORE_INDEX, RowError, to_messages, tokenize_chat
+from .sources import BadRow, BadRowReport, Row, expand, read_rows
+
+
+def iter_rows(srcs: list[SourceConfig], key: str) -> Iterator[tuple[Union[Row, BadRow], SourceConfig]]:
+    for src in srcs:
+        for path in expand(src.path, key):
+            for row in read_rows(path):
+                yield row, src
+
+
+def encode_row(tokenizer, record: dict, fmt: str, max_seq_len: int, truncation: str) -> Optional[tuple]:
+    """One chat row -> (ids, labels), None when dropped for length; RowError when malformed."""
+    ids, labels = tokenize_chat(tokenizer, to_messages(record, fmt))
+    if len(ids) > max_seq_len:
+        if truncation == "drop":
+            return None
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if not (labels[1:] != IGNORE_INDEX).any():
+        raise RowError(
+            f"no trainable token after truncation to data.max_seq_len={max_seq_len}"
+            if len(ids) == max_seq_len
+            else "no trainable token"
+        )
+    return ids, labels
+
+
+def build_sft_samples(tokenizer, srcs: list[SourceConfig], max_seq_len: int, truncation: str, key: str,
+                      report: BadRowReport):
+    """Tokenize every row; malformed rows go to `report` with their file:line."""
+    from .samples import SampleSet
+
+    def sequences():
+        for row, src in iter_rows(srcs, key):
+            report.total += 1
+            if isinstance(row, BadRow):
+                report.add(row)
+                continue
+            try:
+                enc = encode_row(tokenizer, row.record, src.format, max_seq_len, truncation)
+            except RowError as e:
+                report.add(BadRow(row.origin, str(e)))
+                continue
+            if enc is None:
+                report.dropped_too_long += 1
+                continue
+            yield enc
+
+    return SampleSet.from_sequences(sequences())
+
+
+def split_eval(samples, fraction: float, seed: int):
+    """Hold out a seeded `fraction` of units for eval (data.eval_fraction)."""
+    from .samples import SampleSet
+
+    n = len(samples)
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = max(1, int(round(n * fraction)))
+    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
+
+    def subset(idx):
+        return SampleSet.from_sequences((s for i in idx for s in samples.unit(i)), samples.seqs_per_unit)
+
+    return subset(train_idx), subset(eval_idx)

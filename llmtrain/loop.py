@@ -1,0 +1,107 @@
+"""The one training loop shared by every task: steps, accumulation, eval, logging, checkpoints."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checkpoint, dist
+from .metrics import Throughput
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # real (non-padding) tokens trained on, all ranks
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    extra: dict = field(default_factory=dict)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(run, eval_set) -> float:
+    """Mean loss over the whole eval set (all ranks), normalised like training."""
+    engine, task = run.engine, run.task
+    engine.eval()
+    total = torch.zeros((), device=run.info.device, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in eval_set.batches:
+            loss, _ = task.loss(engine, _to_device(batch, run.info.device), eval_set.global_weight)
+            total += loss.double()
+    engine.train()
+    return float(dist.all_reduce_sum(total).item())
+
+
+def train_loop(run) -> RunState:
+    """`run` carries cfg, info, engine, task, data, logger, tokenizer and the resumed RunState."""
+    cfg, info, engine, task, data, logger = run.cfg, run.info, run.engine, run.task, run.data, run.logger
+    t = cfg.train
+    state: RunState = run.state
+    # DeepSpeed divides the loss by grad_accum in backward and averages gradients over ranks;
+    # our micro-batch loss is already its share of the global-batch mean, so undo both.
+    backward_scale = t.grad_accum * info.world_size
+    eval_set = data.eval_set() if (t.eval_every or cfg.data.eval or cfg.data.eval_fraction) else None
+    throughput = Throughput()
+    start_time, start_step = time.perf_counter(), state.step
+    engine.train()
+
+    while state.step < t.max_steps:
+        plan = data.next_step()
+        batches = data.batches(plan)
+        # --- forward/backward ---
+        loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            loss, sums = task.loss(engine, _to_device(batch, info.device), plan.global_weight)
+            engine.backward(loss * backward_scale)
+            # --- optimizer step --- (DeepSpeed steps the optimizer and LR at the accumulation boundary)
+            engine.step()
+            loss_sum += loss.detach().float()
+            for k, v in sums.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
+        state.step += 1
+        state.tokens_seen += plan.global_tokens
+        throughput.add(plan.global_tokens)
+
+        # --- logging --- (.item() syncs the device: only on log steps)
+        last = state.step == t.max_steps
+        if state.step % t.log_every == 0 or last:
+            names = sorted(metric_sums)
+            packed = torch.stack([loss_sum.double()] + [metric_sums[k] for k in names])
+            packed = dist.all_reduce_sum(packed).tolist()
+            grad_norm = engine.get_global_grad_norm()
+            row = {
+                "step": state.step,
+                "loss": packed[0],
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_sec": throughput.rate(),
+                "tokens_seen": state.tokens_seen,
+                "epoch": plan.epoch,
+                "elapsed_sec": time.perf_counter() - start_time,
+            }
+            row.update({k: v / max(plan.global_weight, 1) for k, v in zip(names, packed[1:])})
+            if not math.isfinite(row["loss"]):
+                dist.warn(f"step {state.step}: non-finite loss {row['loss']}")
+            logger.log(row)
+            logger.progress(state.step, row)
+        else:
+            logger.progress(state.step)
+
+        # --- eval ---
+        if eval_set is not None and ((t.eval_every and state.step % t.eval_every == 0) or last):
+            eval_loss = evaluate(run, eval_set)
+            logger.log({"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
+            logger.message(f"step {state.step}: eval_loss={eval_loss:.4f}")
+
+        # --- checkpoint ---
+        if (t.save_every and state.step % t.save_every == 0) or last:
+            run.save_checkpoint()
+
+    elapsed = time.perf_counter() - start_time
+    logger.message(f"trained {state.step - start_step} steps in {elapsed:.1f}s")
+    return state

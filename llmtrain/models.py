@@ -1,0 +1,122 @@
+"""Tokenizer and model loading: hub id, local directory or from-scratch config; attention choice; ZeRO-3 init."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+
+import torch
+
+from .config import Config, ConfigError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+
+
+def _load_error(key: str, path: str, err: Exception) -> ConfigError:
+    if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        return ConfigError(f"{key}: directory {path!r} not found (give a local model directory or a hub id)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{key}: cannot load {path!r}: {first}")
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    from .data.chat import ensure_chat_template
+
+    m = cfg.model
+    path = m.tokenizer or m.name_or_path
+    key = "model.tokenizer" if m.tokenizer else "model.name_or_path"
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
+        raise _load_error(key, path, e) from None
+    if not tok.is_fast:
+        raise ConfigError(f"{key}: {path!r} has no fast (Rust) tokenizer; assistant masking needs character offsets")
+    if tok.pad_token_id is None:
+        # padded positions carry IGNORE_INDEX labels and sit after real tokens: any id will do
+        tok.pad_token = tok.eos_token
+    ensure_chat_template(tok, m.chat_template)
+    return tok
+
+
+def tokenizer_hash(tok) -> str:
+    """Identity of the vocabulary + template: checked on resume and against prepared shards."""
+    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    h.update((tok.chat_template or "").encode())
+    return h.hexdigest()[:16]
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (CPU path, tested)."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install flash-attn`; use auto or sdpa")
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: torch.device):
+    """Build or load the causal LM. Under ZeRO-3 it is partitioned while it loads.
+
+    `HfDeepSpeedConfig` must be alive while the model is created: transformers then wraps
+    creation in `deepspeed.zero.Init`, so each rank only ever materialises its own shard of
+    the fp32 weights (and from_pretrained scatters checkpoint shards straight into it).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .engine import zero_stage
+
+    m = cfg.model
+    dtype = _DTYPES[precision]
+    attn = choose_attention(m.attn_implementation, device)
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
+    torch.manual_seed(cfg.train.seed)  # from-scratch init is a function of train.seed
+    if m.config is not None:
+        spec = dict(m.config)
+        model_type = spec.pop("model_type")
+        spec.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad", "eos", "bos"):
+            if getattr(tokenizer, f"{name}_token_id") is not None:
+                spec.setdefault(f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+        try:
+            hf_config = AutoConfig.for_model(model_type, **spec)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{cfg.where('model.config')}: model.config: {e}") from None
+        hf_config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                dtype=dtype, attn_implementation=attn,
+            )
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise _load_error("model.name_or_path", m.name_or_path, e) from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(
+            f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
+        )
+    model.config.use_cache = False  # a KV cache would stop transformers isolating packed samples
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), correct under ZeRO-3 where local tensors are empty shards."""
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    params = list(model.parameters())
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)

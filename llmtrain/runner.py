@@ -1,0 +1,166 @@
+"""Wire a run together: config -> dist -> tokenizer -> data -> model -> engine -> resume -> loop -> export.
+
+`main(task_name)` is what launch/<task>.py calls. User mistakes (ConfigError, DataError)
+end as one line on stderr and exit status 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint, dist
+from .config import Config, ConfigError, load_config, save_resolved
+from .data.sources import DataError
+from .loop import RunState, train_loop
+
+
+def parse_args(argv: Optional[list[str]], description: str) -> tuple[Optional[str], list[str]]:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    args = p.parse_args(argv)
+    return args.recipe, args.overrides
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(cfg: Config, resuming: bool) -> None:
+    """Never overwrite another run silently: an existing run dir needs resume or overwrite_output_dir."""
+    marker = os.path.join(cfg.output_dir, "config.yaml")
+    if os.path.exists(marker) and not resuming and not cfg.overwrite_output_dir:
+        if cfg.train.resume == "never" or os.path.isdir(os.path.join(cfg.output_dir, "final")):
+            raise ConfigError(
+                f"output_dir {cfg.output_dir} already holds a run; set train.resume=auto to continue it, "
+                "overwrite_output_dir=true to replace it, or choose another output_dir"
+            )
+
+
+@dataclass
+class Run:
+    cfg: Config
+    info: Any
+    task: Any
+    tokenizer: Any
+    tok_hash: str
+    data: Any
+    engine: Any
+    stage: int
+    logger: Any
+    state: RunState
+
+    def trainer_state(self) -> dict:
+        t = self.cfg.train
+        return {
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "skipped_steps": self.state.skipped_steps,
+            "data": self.data.state_dict(),
+            "tokenizer_hash": self.tok_hash,
+            "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
+            "world_size": self.info.world_size,
+            "task": self.task.name,
+        }
+
+    def save_checkpoint(self) -> None:
+        path = checkpoint.save(self.engine, self.cfg, self.trainer_state())
+        self.logger.message(f"step {self.state.step}: checkpoint {path}")
+
+
+def check_resume_identity(cfg: Config, saved: dict, current: dict) -> None:
+    """Resuming must continue the same run: same data, tokenizer and global batch."""
+    problems = []
+    if saved["data"].get("fingerprint") != current["data"].get("fingerprint"):
+        problems.append("the training data changed")
+    if saved["tokenizer_hash"] != current["tokenizer_hash"]:
+        problems.append("the tokenizer changed")
+    if saved["global_batch"] != current["global_batch"]:
+        problems.append(f"the global batch changed ({saved['global_batch']} -> {current['global_batch']})")
+    if problems:
+        raise ConfigError(f"train.resume: cannot resume exactly: {'; '.join(problems)}; start a new output_dir or "
+                          "set train.resume=never with overwrite_output_dir=true")
+
+
+def setup(cfg: Config, task) -> Run:
+    from . import engine as eng
+    from .metrics import make_logger
+    from .models import count_parameters, load_model, load_tokenizer, tokenizer_hash
+
+    info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    seed_everything(cfg.train.seed)
+    resume_path = checkpoint.find_resume(cfg)
+    check_output_dir(cfg, resuming=resume_path is not None)
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    dist.barrier()
+
+    tokenizer = load_tokenizer(cfg)
+    tok_hash = tokenizer_hash(tokenizer)
+    ds_config = eng.build_ds_config(cfg, info.world_size, info.device)
+    precision = eng.resolve_precision(cfg, info.device)
+    data = task.build_data(cfg, tokenizer, info, tok_hash)
+    model = load_model(cfg, tokenizer, ds_config, precision, info.device)
+    trainable, total = count_parameters(model)
+    engine, _ = eng.initialize(model, cfg, ds_config)
+    stage = eng.zero_stage(ds_config)
+    dist.print0(
+        f"llmtrain {task.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
+        f"ZeRO-{stage}, {precision}, params {total / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable), "
+        f"global batch {cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size} "
+        f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
+    )
+
+    state = RunState()
+    run = Run(cfg, info, task, tokenizer, tok_hash, data, engine, stage, None, state)
+    if resume_path is not None:
+        saved = checkpoint.load(engine, resume_path)
+        check_resume_identity(cfg, saved, run.trainer_state())
+        data.load_state_dict(saved["data"])
+        state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+        state.skipped_steps = saved.get("skipped_steps", 0)
+        dist.print0(f"resumed from {resume_path} at step {state.step}")
+    run.logger = make_logger(cfg, info.is_main, state.step)
+    return run
+
+
+def run_task(cfg: Config, task) -> Run:
+    run = setup(cfg, task)
+    try:
+        if run.state.step >= cfg.train.max_steps and os.path.isdir(os.path.join(cfg.output_dir, "final")):
+            dist.print0(f"{cfg.output_dir}: already trained to train.max_steps={cfg.train.max_steps}; nothing to do")
+            return run
+        train_loop(run)
+        checkpoint.export_hf(run.engine, run.tokenizer, os.path.join(cfg.output_dir, "final"), run.stage)
+        dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
+    finally:
+        run.logger.close()
+    return run
+
+
+def main(task_name: str, argv: Optional[list[str]] = None) -> int:
+    from .tasks import TASKS
+
+    try:
+        recipe, overrides = parse_args(argv, f"llmtrain {task_name}")
+        cfg = load_config(recipe, overrides)
+        run_task(cfg, TASKS[task_name]())
+    except (ConfigError, DataError) as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.shutdown()
+    return 0
