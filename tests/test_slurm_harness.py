@@ -109,9 +109,11 @@ def test_failing_rank_sets_job_exit_status(tmp_path: Path):
     assert "[rank 1] bye" in log, log
 
 
-def test_usr1_reaches_every_rank_through_the_prefixer(tmp_path: Path):
-    # `scancel --signal=USR1 <job>` signals every process of the job's steps, as --signal=USR1@120
-    # does at the time limit (not the batch shell: --full or --batch would signal that too).
+@pytest.mark.parametrize("scancel_flags", [[], ["--full"]], ids=["steps", "full"])
+def test_usr1_reaches_every_rank_through_the_prefixer(tmp_path: Path, scancel_flags: list[str]):
+    # `scancel --signal=USR1 <job>` signals every process of the job's steps (the sed prefixer too),
+    # as --signal=USR1@120 does at the time limit; --full also signals the batch shell, which must
+    # survive it. (--batch would signal only the batch shell: the ranks never see it.)
     script = tmp_path / "wait_signal.py"
     script.write_text(WAIT_SIGNAL_PY)
     job_id, log_path = sbatch_submit(TRAIN_SBATCH, [str(script), str(tmp_path)], sbatch_args=CPU_OVERRIDES,
@@ -121,7 +123,7 @@ def test_usr1_reaches_every_rank_through_the_prefixer(tmp_path: Path):
         while not all((tmp_path / f"ready-{r}").exists() for r in (0, 1)):
             assert time.monotonic() < deadline, f"ranks not ready after 30 s:\n{read_log(log_path)}"
             time.sleep(0.1)
-        subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=30, env=slurm_env())
+        subprocess.run(["scancel", *scancel_flags, "--signal=USR1", job_id], check=True, timeout=30, env=slurm_env())
         rc = wait_job(job_id, JOB_TIMEOUT_S, log_path)
     finally:
         subprocess.run(["scancel", job_id], timeout=30, env=slurm_env())

@@ -1,0 +1,40 @@
+"""torchrun helper for test_zero3_export_equals_in_memory_model: train under ZeRO-3, export, compare logits.
+
+The engine's own (sharded, gathered-on-the-fly) forward is the reference; the exported final/
+directory is loaded independently with AutoModelForCausalLM.from_pretrained on rank 0.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from llmtrain import checkpoint, dist  # noqa: E402
+from llmtrain.config import load_config  # noqa: E402
+from llmtrain.loop import train_loop  # noqa: E402
+from llmtrain.runner import setup  # noqa: E402
+from llmtrain.tasks import SFTTask  # noqa: E402
+
+cfg = load_config(sys.argv[1], [])
+run = setup(cfg, SFTTask())
+assert run.stage == 3
+train_loop(run)
+probe = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+run.engine.eval()
+with torch.no_grad():
+    live = run.engine(input_ids=probe, use_cache=False).logits.float()
+final = os.path.join(cfg.output_dir, "final")
+checkpoint.export_hf(run.engine, run.tokenizer, final, run.stage)
+if dist.is_main():
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        exported = loaded(input_ids=probe, use_cache=False).logits.float()
+    diff = (live - exported).abs().max().item()
+    print(f"EXPORT_MATCH max_abs_diff={diff:.3g}" if diff < 1e-4 else f"EXPORT_MISMATCH {diff}", flush=True)
+    if diff >= 1e-4:
+        sys.exit(1)
+run.logger.close()
+dist.shutdown()
