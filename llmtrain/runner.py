@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -102,6 +103,9 @@ def setup(cfg: Config, task) -> Run:
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
     if info.is_main:
+        if cfg.overwrite_output_dir and resume_path is None:
+            for sub in ("checkpoints", "final", "cache"):  # asked for explicitly: the old run goes
+                shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     dist.barrier()
