@@ -83,6 +83,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | path of a checkpoint directory
     loss_chunk_tokens: int = 0  # tokens per chunk for the LM head + cross-entropy (0 = unchunked)
     max_skipped_steps: int = 10  # consecutive non-finite steps skipped before the run aborts
+    requeue_on_signal: bool = False  # under Slurm: after a SIGUSR1/SIGTERM checkpoint, `scontrol requeue` the job
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 from . import checkpoint, dist
 from .metrics import Throughput
+from .signals import Preempted, StopFlag
 
 
 @dataclass
@@ -46,6 +47,7 @@ def train_loop(run) -> RunState:
     backward_scale = t.grad_accum * info.world_size
     eval_set = data.eval_set() if (t.eval_every or cfg.data.eval or cfg.data.eval_fraction) else None
     throughput = Throughput()
+    stop = StopFlag()
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
 
@@ -99,8 +101,11 @@ def train_loop(run) -> RunState:
             logger.message(f"step {state.step}: eval_loss={eval_loss:.4f}")
 
         # --- checkpoint ---
-        if (t.save_every and state.step % t.save_every == 0) or last:
+        preempted = stop.agreed(info.device)
+        if (t.save_every and state.step % t.save_every == 0) or last or preempted:
             run.save_checkpoint()
+        if preempted and not last:
+            raise Preempted(f"signal {stop.received}: checkpointed at step {state.step}")
 
     elapsed = time.perf_counter() - start_time
     logger.message(f"trained {state.step - start_step} steps in {elapsed:.1f}s")

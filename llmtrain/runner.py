@@ -20,6 +20,7 @@ from . import checkpoint, dist
 from .config import Config, ConfigError, load_config, save_resolved
 from .data.sources import DataError
 from .loop import RunState, train_loop
+from .signals import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
 
 
 def parse_args(argv: Optional[list[str]], description: str) -> tuple[Optional[str], list[str]]:
@@ -160,6 +161,11 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
         recipe, overrides = parse_args(argv, f"llmtrain {task_name}")
         cfg = load_config(recipe, overrides)
         run_task(cfg, TASKS[task_name]())
+    except Preempted as e:
+        dist.print0(f"stopped: {e}; resume with train.resume=auto")
+        if cfg.train.requeue_on_signal and dist.is_main():
+            requeue_slurm_job()
+        return PREEMPTED_EXIT_CODE
     except (ConfigError, DataError) as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":

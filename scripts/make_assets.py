@@ -1,0 +1,93 @@
+"""Generate the project's tokenizer and demo data into fixed paths. Deterministic and idempotent:
+a re-run rewrites byte-identical files.
+
+    python scripts/make_assets.py
+
+Writes:
+  assets/tokenizer/                  byte-level BPE, vocab 1024, ChatML template (< 1 MB)
+  data/demo/sft_train.jsonl          addition chat rows, OpenAI / ShareGPT / Alpaca formats mixed
+  data/demo/sft_eval.jsonl           held-out pairs: {"messages": [...], "answer": "122"}
+  data/demo/dpo_train.jsonl          preference rows, string and message-list forms mixed
+  data/demo/dpo_eval.jsonl           same, on held-out pairs
+  data/demo/pretrain/shard_00N.txt   pretraining text, documents separated by a blank line
+  data/demo/pretrain_eval.txt        held-out pretraining text (outside pretrain/ so a *.txt glob skips it)
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run from a checkout without install
+
+from llmtrain import synth  # noqa: E402
+from llmtrain.tokenizer_train import tokenizer_hash, train_bpe_tokenizer  # noqa: E402
+
+TOKENIZER_VOCAB_SIZE = 1024  # total ids incl. 3 special tokens and 256 byte symbols
+SFT_TRAIN_ROWS = 4000
+SFT_EVAL_ROWS = 200
+DPO_TRAIN_ROWS = 2000
+DPO_EVAL_ROWS = 200
+PRETRAIN_SHARDS = 3
+PRETRAIN_DOCS_PER_SHARD = 1500  # ~0.4 MB of text per shard
+PRETRAIN_EVAL_DOCS = 200
+SEED = 0  # one seed for every generator; the eval split is fixed by pair hashing, not by seed
+
+
+def _write_docs(docs: list[str], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n\n".join(docs) + "\n")
+
+
+def _sft_texts(rows: list[dict]):
+    """Every string a chat template would render from SFT rows, for tokenizer training."""
+    for row in rows:
+        for m in row.get("messages", []):
+            yield f"{m['role']}\n{m['content']}"
+        for m in row.get("conversations", []):
+            yield m["value"]
+        for key in ("instruction", "input", "output"):
+            if row.get(key):
+                yield row[key]
+
+
+def _train_tokenizer(texts, out_dir: str) -> str:
+    # Train into a scratch dir, then swap, so stale files from an older layout never linger.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_dir)) as scratch:
+        tok = train_bpe_tokenizer(texts, TOKENIZER_VOCAB_SIZE, scratch)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(scratch, out_dir)
+    return tokenizer_hash(tok)
+
+
+def main() -> None:
+    demo = os.path.join(REPO_ROOT, "data", "demo")
+    sft_train = synth.sft_addition(SFT_TRAIN_ROWS, seed=SEED)
+    synth.write_jsonl(sft_train, os.path.join(demo, "sft_train.jsonl"))
+    synth.write_jsonl(synth.sft_addition_eval(SFT_EVAL_ROWS, seed=SEED), os.path.join(demo, "sft_eval.jsonl"))
+    synth.write_jsonl(synth.dpo_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
+    synth.write_jsonl(synth.dpo_pairs(DPO_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "dpo_eval.jsonl"))
+
+    pretrain_docs = []
+    for shard in range(PRETRAIN_SHARDS):
+        docs = synth.pretrain_corpus(PRETRAIN_DOCS_PER_SHARD, seed=SEED + shard)
+        _write_docs(docs, os.path.join(demo, "pretrain", f"shard_{shard:03d}.txt"))
+        pretrain_docs.extend(docs)
+    _write_docs(synth.pretrain_corpus(PRETRAIN_EVAL_DOCS, seed=SEED + 1000), os.path.join(demo, "pretrain_eval.txt"))
+
+    tok_dir = os.path.join(REPO_ROOT, "assets", "tokenizer")
+    os.makedirs(os.path.dirname(tok_dir), exist_ok=True)
+    digest = _train_tokenizer(list(pretrain_docs) + list(_sft_texts(sft_train)), tok_dir)
+
+    for root in (tok_dir, demo):
+        for dirpath, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                print(f"{os.path.getsize(path):>9,d}  {os.path.relpath(path, REPO_ROOT)}")
+    print(f"tokenizer_hash {digest}")
+
+
+if __name__ == "__main__":
+    main()
