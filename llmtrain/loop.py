@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint, dist
+from .flops import flops_per_token, peak_flops, throughput_columns
 from .metrics import Throughput
 from .signals import Preempted, StopFlag
 
@@ -24,17 +25,24 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(run, eval_set) -> float:
-    """Mean loss over the whole eval set (all ranks), normalised like training."""
+def evaluate(run, eval_set) -> dict:
+    """Loss (and task metrics) over the whole eval set, all ranks, normalised like training."""
     engine, task = run.engine, run.task
     engine.eval()
-    total = torch.zeros((), device=run.info.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=run.info.device, dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in eval_set.batches:
-            loss, _ = task.loss(engine, _to_device(batch, run.info.device), eval_set.global_weight)
-            total += loss.double()
+            loss, batch_sums = task.loss(engine, _to_device(batch, run.info.device), eval_set.global_weight)
+            loss_sum += loss.double()
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0) + v.double()
     engine.train()
-    return float(dist.all_reduce_sum(total).item())
+    names = sorted(sums)
+    totals = dist.all_reduce_sum(torch.stack([loss_sum] + [sums[k] for k in names])).tolist()
+    out = {"eval_loss": totals[0]}
+    out.update({f"eval_{k}": v / max(eval_set.global_weight, 1) for k, v in zip(names, totals[1:])})
+    return out
 
 
 def train_loop(run) -> RunState:
@@ -47,6 +55,8 @@ def train_loop(run) -> RunState:
     backward_scale = t.grad_accum * info.world_size
     eval_set = data.eval_set() if (t.eval_every or cfg.data.eval or cfg.data.eval_fraction) else None
     throughput = Throughput()
+    # tflops_per_gpu / mfu columns: FLOPs per token counted once (ZeRO-3 shards via ds_numel)
+    model_flops_per_token, peak = flops_per_token(engine.module, cfg.data.max_seq_len), peak_flops(info.device)
     stop = StopFlag()
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
@@ -86,6 +96,7 @@ def train_loop(run) -> RunState:
                 "epoch": plan.epoch,
                 "elapsed_sec": time.perf_counter() - start_time,
             }
+            row.update(throughput_columns(row["tokens_per_sec"], info.world_size, model_flops_per_token, peak))
             row.update({k: v / max(plan.global_weight, 1) for k, v in zip(names, packed[1:])})
             if not math.isfinite(row["loss"]):
                 dist.warn(f"step {state.step}: non-finite loss {row['loss']}")
@@ -96,9 +107,11 @@ def train_loop(run) -> RunState:
 
         # --- eval ---
         if eval_set is not None and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            eval_loss = evaluate(run, eval_set)
-            logger.log({"step": state.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-            logger.message(f"step {state.step}: eval_loss={eval_loss:.4f}")
+            row = {"step": state.step, **evaluate(run, eval_set)}
+            if task.name != "dpo":
+                row["eval_ppl"] = math.exp(min(row["eval_loss"], 50))
+            logger.log(row)
+            logger.message(f"step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 
         # --- checkpoint ---
         preempted = stop.agreed(info.device)

@@ -59,6 +59,8 @@ class Run:
     data: Any
     engine: Any
     stage: int
+    ds_config: dict
+    precision: str
     logger: Any
     state: RunState
 
@@ -128,7 +130,9 @@ def setup(cfg: Config, task) -> Run:
     )
 
     state = RunState()
-    run = Run(cfg, info, task, tokenizer, tok_hash, data, engine, stage, None, state)
+    run = Run(cfg, info, task, tokenizer, tok_hash, data, engine, stage, ds_config, precision, None, state)
+    if hasattr(task, "prepare"):
+        task.prepare(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
         saved = checkpoint.load(engine, resume_path)
         check_resume_identity(cfg, saved, run.trainer_state())

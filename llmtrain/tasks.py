@@ -21,7 +21,8 @@ from .config import Config, sources
 from .data.batching import BatchPlanner, RowStream, StepPlan, collate_sequences, eval_micro_batches
 from .data.samples import SampleSet, build_cached, cache_key
 from .data.sources import BadRowReport, expand, fingerprint
-from .losses import causal_lm_loss, shift_labels, token_logps_from_logits
+from .data.chat import IGNORE_INDEX
+from .losses import causal_lm_loss, packed_sequence_logps, shift_labels, token_logps_from_logits
 
 
 @dataclass
@@ -42,10 +43,10 @@ class SequenceData:
                                     grad_accum=t.grad_accum, world_size=info.world_size, rank=info.rank)
         self.eval_samples, self.eval_weights = eval_set, (unit_weights(eval_set) if eval_set is not None else None)
         self.cfg, self.info = cfg, info
+        self.attach_unit_ids = False
 
-    @staticmethod
-    def _row_len(cfg: Config) -> int:
-        return cfg.data.max_seq_len
+    def _row_len(self, cfg: Config) -> int:
+        return cfg.data.max_seq_len * self.samples.seqs_per_unit  # a packed row holds at least one whole unit
 
     def collate(self, samples: SampleSet, rows: list) -> dict:
         """Packed: a row holds every sequence of its units. Unpacked: one sequence per row (a DPO
@@ -54,7 +55,11 @@ class SequenceData:
             seq_rows = [[s for u in row for s in samples.unit(u)] for row in rows]
         else:
             seq_rows = [[s] for row in rows for u in row for s in samples.unit(u)]
-        return collate_sequences(seq_rows, self.pad_id)
+        batch = collate_sequences(seq_rows, self.pad_id)
+        if self.attach_unit_ids:  # DPO's precomputed reference log-probs are looked up by unit id
+            offset = 0 if samples is self.samples else len(self.samples)  # eval units follow train units
+            batch["unit_ids"] = torch.tensor([offset + u for row in rows for u in row], dtype=torch.long)
+        return batch
 
     def next_step(self) -> StepPlan:
         return self.planner.next_step()
@@ -103,10 +108,10 @@ def load_split(cfg: Config, tokenizer, tok_hash: str, key: str, build_fn) -> Sam
         report_path = os.path.join(cfg.output_dir, f"bad_rows_{key.split('.')[-1]}.jsonl")
         if report.bad:
             report.write(report_path)
+            report.check(d.max_bad_fraction, f"{key} (all bad rows listed in {report_path})")
             dist.print0(f"{key}: {report.summary()} (all listed in {report_path})")
         if report.dropped_too_long:
             dist.print0(f"{key}: dropped {report.dropped_too_long} samples longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)")
-        report.check(d.max_bad_fraction, key)
         if len(samples) == 0:
             from .data.sources import DataError
 
@@ -150,4 +155,93 @@ class SFTTask:
         return loss, {}
 
 
-TASKS = {"sft": SFTTask}
+# --------------------------------------------------------------------------- DPO
+
+
+def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> SampleSet:
+    from .data.preference import build_preference_samples
+
+    return build_preference_samples(tokenizer, srcs, cfg, key, report)
+
+
+def pair_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected together -> summed response log-probs, each (pairs,)."""
+    token_logps, targets = lm_forward_logps(engine, batch)
+    seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
+    seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
+    logps = packed_sequence_logps(token_logps, targets, seq_ids, int(batch["num_seqs"]))  # (2P,)
+    pairs = logps.view(-1, 2)  # (2P,) -> (P, 2): sequences alternate chosen, rejected
+    return pairs[:, 0], pairs[:, 1]
+
+
+class DPOTask:
+    """DPO family on preference pairs. The reference model is, in order of preference:
+    the policy with its LoRA adapters disabled (no second copy), log-probs precomputed once
+    before training (dpo.precompute_ref), or a frozen copy sharded like the policy."""
+
+    name = "dpo"
+
+    def __init__(self):
+        self.ref_engine = None  # frozen copy (full fine-tuning without precompute)
+        self.ref_table = None  # (pairs, 2) float64 reference log-probs, indexed by unit id
+        self.cfg = None
+
+    def build_data(self, cfg: Config, tokenizer, info, tok_hash: str) -> SequenceData:
+        from .config import ConfigError
+        from .data.sft import split_eval
+
+        if cfg.data.max_prompt_len >= cfg.data.max_seq_len:
+            raise ConfigError(f"{cfg.where('data.max_prompt_len')}: data.max_prompt_len={cfg.data.max_prompt_len} must be "
+                              f"below data.max_seq_len={cfg.data.max_seq_len} to leave the response a budget")
+        self.cfg = cfg
+        train = load_split(cfg, tokenizer, tok_hash, "data.train", _build_pairs)
+        eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", _build_pairs) if cfg.data.eval else None
+        if eval_set is None and cfg.data.eval_fraction > 0:
+            train, eval_set = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+        data = SequenceData(cfg, info, train, eval_set, tokenizer.pad_token_id,
+                            unit_weights=lambda s: np.ones(len(s), dtype=np.int64))
+        data.attach_unit_ids = True
+        return data
+
+    def prepare(self, run) -> None:
+        """Set up the reference before any training step (and before a resume loads weights)."""
+        from . import reference
+
+        cfg = run.cfg
+        if reference.has_adapters(run.engine):
+            return
+        if cfg.dpo.precompute_ref:
+            self.ref_table = reference.precompute(run, self._policy_logps_for_ref)
+        else:
+            self.ref_engine = reference.frozen_copy(run)
+
+    @staticmethod
+    def _policy_logps_for_ref(engine, batch):
+        return pair_logps(engine, batch)
+
+    def _ref_logps(self, engine, batch):
+        from . import reference
+
+        if self.ref_table is not None:
+            units = batch["unit_ids"]
+            return self.ref_table[units, 0], self.ref_table[units, 1]
+        with torch.no_grad():
+            if self.ref_engine is not None:
+                return pair_logps(self.ref_engine, batch)
+            with reference.adapters_disabled(engine):
+                return pair_logps(engine, batch)
+
+    def loss(self, engine, batch: dict, global_weight: int):
+        from .losses import DPO_LOSSES
+
+        d = self.cfg.dpo
+        ref_c, ref_r = self._ref_logps(engine, batch)
+        pol_c, pol_r = pair_logps(engine, batch)
+        kwargs = {"label_smoothing": d.label_smoothing} if d.loss == "sigmoid" else {}
+        loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c.to(pol_c.dtype), ref_r.to(pol_r.dtype), d.beta,
+                                             reduction="sum", **kwargs)
+        pairs = pol_c.shape[0]
+        return loss_sum / global_weight, {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
+
+
+TASKS = {"sft": SFTTask, "dpo": DPOTask}

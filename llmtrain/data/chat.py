@@ -120,9 +120,12 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """messages -> (input_ids, labels) as int32 arrays; labels = IGNORE_INDEX outside assistant turns."""
+def tokenize_chat(tokenizer, messages: list[dict], last_turn_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """messages -> (input_ids, labels) as int32 arrays; labels = IGNORE_INDEX outside assistant turns
+    (outside the final assistant turn with `last_turn_only`, as DPO scores only the response)."""
     text, spans = assistant_spans(tokenizer, messages)
+    if last_turn_only:
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     labels = np.full_like(ids, IGNORE_INDEX)

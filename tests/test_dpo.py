@@ -1,0 +1,129 @@
+"""DPO: ln 2 at step 0, reference modes agree, packed == unpacked log-probs, 2 ranks == 1 rank, bad rows."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, REPO, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, write_recipe
+from llmtrain.config import SourceConfig
+from llmtrain.data.batching import collate_sequences
+from llmtrain.data.chat import IGNORE_INDEX, RowError
+from llmtrain.data.preference import build_preference_samples, encode_pair, to_pair
+from llmtrain.data.sources import BadRowReport
+from llmtrain.tasks import pair_logps
+
+DPO_TRAIN = os.path.join(REPO, "data/demo/dpo_train.jsonl")
+
+
+def dpo_recipe(tmp_path, model_dir, **train):
+    r = base_recipe(tmp_path, model_dir, **train)
+    r["data"] = {"train": [DPO_TRAIN], "max_seq_len": 64, "max_prompt_len": 48, "packing": True}
+    r["dpo"] = {"beta": 0.1, "loss": "sigmoid"}
+    return r
+
+
+def run_dpo(tmp_path, recipe, name="r.yaml", launcher=None):
+    path = write_recipe(tmp_path / name, recipe)
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29644",
+               os.path.join(REPO, "launch/dpo.py"), "--recipe", path]
+    else:
+        cmd = python_cmd("launch/dpo.py", "--recipe", path)
+    proc = run_cmd(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [r for r in read_metrics(recipe["output_dir"]) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def frozen_copy_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo_ref")
+    return run_dpo(tmp, dpo_recipe(tmp, tiny_model_dir, max_steps=3, grad_accum=4, lr=5e-3))
+
+
+def test_first_step_loss_is_ln2_when_policy_equals_reference(frozen_copy_run):
+    first = frozen_copy_run[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["reward_accuracy"] == 0.0 and abs(first["reward_margin"]) < 1e-7
+    assert frozen_copy_run[-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # and it does move
+
+
+def test_precomputed_reference_gives_the_same_losses_as_a_frozen_copy(frozen_copy_run, tiny_model_dir, tmp_path):
+    rows = run_dpo(tmp_path, dpo_recipe(tmp_path, tiny_model_dir, max_steps=3, grad_accum=4, lr=5e-3)
+                   | {"dpo": {"beta": 0.1, "loss": "sigmoid", "precompute_ref": True}})
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in frozen_copy_run], abs=1e-6)
+    assert [r["reward_margin"] for r in rows] == pytest.approx([r["reward_margin"] for r in frozen_copy_run], abs=1e-6)
+
+
+@pytest.mark.multiproc
+def test_two_ranks_zero3_match_one_rank_with_accumulation(frozen_copy_run, tiny_model_dir, tmp_path):
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, max_steps=3, grad_accum=2, lr=5e-3)
+    recipe["deepspeed"]["config"] = os.path.join(REPO, "ds_configs/zero3.json")
+    rows = run_dpo(tmp_path, recipe, launcher="torchrun")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in frozen_copy_run], rel=1e-4, abs=1e-6)
+    assert [r["reward_accuracy"] for r in rows] == pytest.approx([r["reward_accuracy"] for r in frozen_copy_run])
+
+
+def _pairs(tok, n=5):
+    rows = [json.loads(l) for l in open(DPO_TRAIN)][:n]
+    return [encode_pair(tok, r, 64, 48) for r in rows]
+
+
+def test_sequence_logps_ignore_prompt_and_padding_and_packed_equals_unpacked():
+    model, tok = build_tiny("qwen2")
+    model.eval()
+    pairs = _pairs(tok)
+    flat = [s for p in pairs for s in p]
+    unpacked = collate_sequences([[s] for s in flat], tok.pad_token_id)
+    packed = collate_sequences([flat[:4], flat[4:]], tok.pad_token_id)
+    with torch.no_grad():
+        c1, r1 = pair_logps(model, unpacked)
+        c2, r2 = pair_logps(model, packed)
+        torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+        # independent computation: each response scored alone, summing log-probs of response tokens only
+        for k, (ids, labels) in enumerate(flat):
+            logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1)
+            tgt = torch.tensor(labels[1:], dtype=torch.long)
+            keep = tgt != IGNORE_INDEX
+            expected = logp[keep].gather(-1, tgt[keep, None]).sum()
+            got = (c1 if k % 2 == 0 else r1)[k // 2]
+            assert abs(got.item() - expected.item()) < 1e-4
+        # the response mask covers the answer and its end-of-turn token only
+        ids, labels = flat[0]
+        assert tok.decode(ids[labels != IGNORE_INDEX]).strip() == "84<|im_end|>"
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": "1+1?", "chosen": "2", "rejected": "2"}, "chosen equals rejected"),
+    ({"prompt": "1+1?", "chosen": " ", "rejected": "3"}, "empty response"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+      "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, "prompt differs"),
+    ({"prompt": "1+1?", "chosen": "2"}, "needs 'chosen' and 'rejected'"),
+])
+def test_bad_preference_rows(row, reason):
+    with pytest.raises(RowError, match=reason):
+        to_pair(row)
+
+
+def test_bad_preference_rows_are_counted_with_file_and_line(tmp_path):
+    _, tok = build_tiny("llama")
+    path = tmp_path / "p.jsonl"
+    good = {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}
+    rows = [good, {"prompt": "x " * 100, "chosen": "2", "rejected": "3"}, {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = BadRowReport()
+
+    class Cfg:  # the two keys encode_pair reads
+        class data:
+            max_seq_len, max_prompt_len = 64, 32
+
+    samples = build_preference_samples(tok, [SourceConfig(str(path))], Cfg, "data.train", report)
+    assert len(samples) == 1 and samples.num_seqs == 2
+    assert {b.origin for b in report.bad} == {f"{path}:2", f"{path}:3"}
+    assert "over data.max_prompt_len=32" in report.bad[0].reason
