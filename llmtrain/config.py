@@ -40,10 +40,13 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    path: str  # file, glob or saved HF dataset directory
+    path: str  # file, glob or saved HF dataset directory (pretrain: a prepared token-shard directory)
     format: str = "auto"  # auto | messages | sharegpt | alpaca | preference | text | shards
     weight: float = 1.0  # relative sampling weight when several sources are mixed
-    text_field: str = "text"  # column holding raw text (format: text)
+    text_field: str = "text"  # column holding raw text (format: text; pretrain: read by launch/prepare.py)
+    # pretrain: raw files/globs/dataset dirs that `launch/prepare.py` tokenizes into the shard
+    # directory `path` (absent: `path` is already prepared)
+    prepare_from: Optional[Union[str, list]] = None
 
 
 @dataclass
@@ -55,8 +58,7 @@ class DataConfig:
     packing: bool = False  # padding-free packing: several samples per row, position_ids restart per sample
     truncation: Literal["truncate", "drop"] = "truncate"  # what to do with a sample longer than max_seq_len
     max_bad_fraction: float = 0.001  # share of malformed rows skipped (and reported) before the run aborts
-    max_prompt_len: int = 1024  # DPO: prompt tokens kept (left-truncated) so responses keep their budget
-    num_workers: int = 0  # DataLoader worker processes feeding each rank (0 = main process)
+    max_prompt_len: int = 1024  # DPO: a longer prompt (tokens, template included) is skipped and counted
 
 
 @dataclass
@@ -70,9 +72,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to `lr`
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.95  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float = 1.0  # global gradient-norm clip (0 = no clipping)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     save_every: int = 0  # checkpoint interval in optimizer steps (0 = only at the end)
@@ -93,10 +95,10 @@ class DeepSpeedSection:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "llmtrain"
+    mode: Literal["disabled", "offline", "online"] = "disabled"  # offline: a local run dir under output_dir/wandb
+    project: str = "llmtrain"  # wandb project
     name: Optional[str] = None  # run name; default: basename of output_dir
-    entity: Optional[str] = None
+    entity: Optional[str] = None  # wandb team/user; default: your wandb default
 
 
 @dataclass
@@ -114,7 +116,7 @@ class DistConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the KL anchor to the reference model
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO (Rafailov 2023), IPO (Azar 2023), hinge (SLiC)
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
     precompute_ref: bool = False  # compute reference log-probs once before training (no ref model in memory)
 
@@ -350,7 +352,6 @@ def validate(cfg: Config) -> None:
     _require(d.max_seq_len >= 2, cfg, "data.max_seq_len", "must be >= 2")
     _require(0 <= d.max_bad_fraction <= 1, cfg, "data.max_bad_fraction", "must be in [0, 1]")
     _require(0 <= d.eval_fraction < 1, cfg, "data.eval_fraction", "must be in [0, 1)")
-    _require(d.num_workers >= 0, cfg, "data.num_workers", "must be >= 0")
     _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
@@ -379,7 +380,7 @@ def sources(cfg: Config, key: str) -> list[SourceConfig]:
         elif isinstance(entry, dict):
             unknown = set(entry) - {f.name for f in dataclasses.fields(SourceConfig)}
             if unknown:
-                raise ConfigError(f"{where}: {key}[{i}] has unknown field(s) {sorted(unknown)}; allowed: path, format, weight, text_field")
+                raise ConfigError(f"{where}: {key}[{i}] has unknown field(s) {sorted(unknown)}; allowed: path, format, weight, text_field, prepare_from")
             if "path" not in entry:
                 raise ConfigError(f"{where}: {key}[{i}] needs a path")
             src = SourceConfig(**entry)
