@@ -83,6 +83,7 @@ class TrainConfig:
     eval_max_batches: int = 0  # micro-batches per rank per eval (0 = the whole eval set)
     log_every: int = 1  # optimizer steps between metrics rows (each log step syncs the device once)
     resume: str = "auto"  # auto | never | path of a checkpoint directory
+    resume_force: bool = False  # resume even if data, tokenizer or global batch changed (no longer exact)
     loss_chunk_tokens: int = 0  # tokens per chunk for the LM head + cross-entropy (0 = unchunked)
     max_skipped_steps: int = 10  # consecutive non-finite steps skipped before the run aborts
     requeue_on_signal: bool = False  # under Slurm: after a SIGUSR1/SIGTERM checkpoint, `scontrol requeue` the job

@@ -1,7 +1,9 @@
 """The one training loop shared by every task: steps, accumulation, eval, logging, checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +20,45 @@ class RunState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # real (non-padding) tokens trained on, all ranks
     skipped_steps: int = 0  # non-finite steps skipped so far
+    consecutive_skips: int = 0  # non-finite steps in a row (the abort counter)
     extra: dict = field(default_factory=dict)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: every rank raises it at the same step."""
+
+
+def _inject_fault(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Test hook: LLMTRAIN_FAULT_NAN_STEP=s[,s...] (and LLMTRAIN_FAULT_RANK=r) turn one rank's loss NaN."""
+    steps = os.environ.get("LLMTRAIN_FAULT_NAN_STEP")
+    if steps and step in {int(x) for x in steps.split(",")} and rank == int(os.environ.get("LLMTRAIN_FAULT_RANK", "0")):
+        return loss * float("nan")
+    return loss
+
+
+def _nonfinite_grads(engine, device: torch.device) -> bool:
+    """ZeRO-0 has no overflow check of its own: True on every rank if any rank's reduced
+    gradients hold inf/NaN. One all-reduce (and one sync) per step, ZeRO-0 only."""
+    flags = [(~torch.isfinite(p.grad)).any() for p in engine.module.parameters() if p.grad is not None]
+    bad = torch.stack(flags).sum().float() if flags else torch.zeros((), device=device)
+    return bool(dist.all_reduce_sum(bad).item() > 0)
+
+
+@contextlib.contextmanager
+def _no_update(engine):
+    """Let engine.step() do its bookkeeping but apply nothing: zeroed gradients, and the optimizer
+    and LR scheduler steps skipped (as DeepSpeed's ZeRO 1-3 do on overflow)."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    patched = [engine.optimizer, engine.lr_scheduler]
+    for obj in patched:
+        obj.step = lambda *a, **k: None  # instance attribute shadows the method for this call
+    try:
+        yield
+    finally:
+        for obj in patched:
+            del obj.step
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -67,15 +107,32 @@ def train_loop(run) -> RunState:
         # --- forward/backward ---
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
         metric_sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
+        skipped_before = engine.skipped_steps
+        for i, batch in enumerate(batches):
             loss, sums = task.loss(engine, _to_device(batch, info.device), plan.global_weight)
+            loss = _inject_fault(loss, state.step + 1, info.rank)
             engine.backward(loss * backward_scale)
             # --- optimizer step --- (DeepSpeed steps the optimizer and LR at the accumulation boundary)
-            engine.step()
+            stage0_skip = run.stage == 0 and i == len(batches) - 1 and _nonfinite_grads(engine, info.device)
+            with _no_update(engine) if stage0_skip else contextlib.nullcontext():
+                engine.step()
             loss_sum += loss.detach().float()
             for k, v in sums.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
         state.step += 1
+        # --- non-finite steps --- ZeRO 1-3 skip the update themselves when the global grad norm is
+        # inf/NaN (every rank sees the same reduced norm, so they skip together); ZeRO-0 via the check above
+        if stage0_skip or engine.skipped_steps > skipped_before:
+            state.skipped_steps += 1
+            state.consecutive_skips += 1
+            logger.log({"step": state.step, "skipped": True, "skipped_steps": state.skipped_steps})
+            logger.message(f"step {state.step}: non-finite loss or gradient on some rank; update skipped "
+                           f"({state.consecutive_skips} in a row, limit train.max_skipped_steps={t.max_skipped_steps})")
+            if state.consecutive_skips >= t.max_skipped_steps:
+                raise NonFiniteError(f"{state.consecutive_skips} consecutive steps had non-finite losses or gradients "
+                                     f"(up to step {state.step}); lower train.lr, check the data, or raise train.max_skipped_steps")
+        else:
+            state.consecutive_skips = 0
         state.tokens_seen += plan.global_tokens
         throughput.add(plan.global_tokens)
 

@@ -19,7 +19,7 @@ import torch
 from . import checkpoint, dist
 from .config import Config, ConfigError, load_config, save_resolved
 from .data.sources import DataError
-from .loop import RunState, train_loop
+from .loop import NonFiniteError, RunState, train_loop
 from .signals import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
 
 
@@ -70,6 +70,7 @@ class Run:
             "step": self.state.step,
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps,
+            "consecutive_skips": self.state.consecutive_skips,
             "data": self.data.state_dict(),
             "tokenizer_hash": self.tok_hash,
             "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
@@ -91,9 +92,11 @@ def check_resume_identity(cfg: Config, saved: dict, current: dict) -> None:
         problems.append("the tokenizer changed")
     if saved["global_batch"] != current["global_batch"]:
         problems.append(f"the global batch changed ({saved['global_batch']} -> {current['global_batch']})")
-    if problems:
-        raise ConfigError(f"train.resume: cannot resume exactly: {'; '.join(problems)}; start a new output_dir or "
-                          "set train.resume=never with overwrite_output_dir=true")
+    if problems and cfg.train.resume_force:
+        dist.print0(f"warning: resuming anyway (train.resume_force): {'; '.join(problems)}; the run is no longer exact")
+    elif problems:
+        raise ConfigError(f"train.resume: cannot resume exactly: {'; '.join(problems)}; start a new output_dir, "
+                          "set train.resume_force=true to continue inexactly, or train.resume=never with overwrite_output_dir=true")
 
 
 def setup(cfg: Config, task) -> Run:
@@ -139,6 +142,7 @@ def setup(cfg: Config, task) -> Run:
         data.load_state_dict(saved["data"])
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
         state.skipped_steps = saved.get("skipped_steps", 0)
+        state.consecutive_skips = saved.get("consecutive_skips", 0)
         dist.print0(f"resumed from {resume_path} at step {state.step}")
     run.logger = make_logger(cfg, info.is_main, state.step)
     return run
@@ -170,6 +174,10 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
         if cfg.train.requeue_on_signal and dist.is_main():
             requeue_slurm_job()
         return PREEMPTED_EXIT_CODE
+    except NonFiniteError as e:
+        if dist.is_main():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
     except (ConfigError, DataError) as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
