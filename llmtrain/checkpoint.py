@@ -148,6 +148,38 @@ def find_resume(cfg: Config) -> Optional[str]:
     return path
 
 
+def saved_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def universal_dir(path: str) -> str:
+    return os.path.normpath(path) + "_universal"  # not a step_N name: never picked by resume=auto
+
+
+def convert_to_universal(path: str) -> str:
+    """A checkpoint written by N ranks -> DeepSpeed's universal format, loadable by any number of
+    ranks (ZeRO 1-3 partition the optimizer state by rank). Rank 0 converts once; others wait."""
+    out = universal_dir(path)
+    if dist.is_main() and not os.path.isfile(os.path.join(out, COMPLETE)):
+        import subprocess
+        import sys
+
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+               "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"train.resume: converting {path} to a universal checkpoint failed: "
+                              f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        for name in ("trainer_state.json",):
+            shutil.copy2(os.path.join(path, name), os.path.join(out, name))
+        _write_atomic(os.path.join(out, COMPLETE), "")
+    dist.barrier()
+    return out
+
+
 def load(engine, path: str) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; return trainer_state."""
     root, tag = os.path.split(os.path.normpath(path))

@@ -121,6 +121,14 @@ def setup(cfg: Config, task) -> Run:
     ds_config = eng.build_ds_config(cfg, info.world_size, info.device)
     precision = eng.resolve_precision(cfg, info.device)
     data = task.build_data(cfg, tokenizer, info, tok_hash)
+    if resume_path is not None and eng.zero_stage(ds_config) > 0:
+        saved_world = checkpoint.saved_state(resume_path).get("world_size", info.world_size)
+        if saved_world != info.world_size:
+            # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
+            dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
+                        "converting to a universal checkpoint")
+            resume_path = checkpoint.convert_to_universal(resume_path)
+            ds_config["checkpoint"] = {"load_universal": True}
     model = load_model(cfg, tokenizer, ds_config, precision, info.device)
     trainable, total = count_parameters(model)
     engine, _ = eng.initialize(model, cfg, ds_config)
