@@ -242,3 +242,25 @@ def test_sample_set_roundtrip(tmp_path):
     for i in range(5):
         assert np.array_equal(t.seq(i)[0], seqs[i][0]) and np.array_equal(t.seq(i)[1], seqs[i][1])
     assert t.seq_targets().tolist() == [int((l[1:] != IGNORE_INDEX).sum()) for _, l in seqs]
+
+
+def test_gradient_checkpointing_switch_keeps_loss_and_gradients(tiny_model_dir):
+    from llmtrain.config import load_config
+    from llmtrain.models import load_model, load_tokenizer
+
+    grads = []
+    for flag in (False, True):
+        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.train=[x]",
+                                 f"model.gradient_checkpointing={str(flag).lower()}"])
+        tok = load_tokenizer(cfg)
+        model = load_model(cfg, tok, {"zero_optimization": {"stage": 0}}, "fp32", torch.device("cpu"))
+        assert model.is_gradient_checkpointing == flag and model.config.use_cache is False
+        model.train()
+        seqs = _seqs(4, seed=5)
+        weight = int(sum((l[1:] != IGNORE_INDEX).sum() for _, l in seqs))
+        loss = _loss(model, collate_sequences([seqs], tok.pad_token_id), weight)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,11 @@ from llmtrain.tasks import SFTTask  # noqa: E402
 cfg = load_config(sys.argv[1], [])
 run = setup(cfg, SFTTask())
 assert run.stage == 3
+# ZeRO-3: built under zero.Init, every parameter is a partition; this rank holds about 1/world of it
+params = list(run.engine.module.parameters())
+assert all(hasattr(p, "ds_id") for p in params)
+local, full = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+assert local <= full // 2 + 1024 * len(params), (local, full)
 train_loop(run)
 probe = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 run.engine.eval()
