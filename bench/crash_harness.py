@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import yaml
@@ -30,7 +31,7 @@ def recipe(model_dir: str, out: str) -> dict:
         "output_dir": out,
         "model": {"name_or_path": model_dir},
         "data": {"train": [os.path.join(REPO, "data/demo/sft_train.jsonl")], "max_seq_len": 64, "packing": True},
-        "train": {"max_steps": 24, "seed": 3, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 2,
+        "train": {"max_steps": 60, "seed": 3, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 2,
                   "save_every": 1, "keep_last": 2, "log_every": 1},
         "deepspeed": {"config": os.path.join(REPO, "ds_configs/zero2.json")},
         "logging": {"progress": False},
@@ -84,39 +85,54 @@ def main() -> int:
             yaml.safe_dump(recipe(model_dir, out), f)
         return out, path
 
+    def start(path, port, kill_after_step=None):
+        """Run once; with kill_after_step, SIGKILL the process group a random 0-0.3 s after the log
+        shows that step (with save_every=1 that is while its checkpoint is being written)."""
+        p = subprocess.Popen(command(path, args.ranks, port), env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        lines, killed = [], threading.Event()
+
+        def pump():
+            for line in p.stdout:
+                lines.append(line)
+                m = re.match(r"step (\d+)", line)
+                if kill_after_step is not None and m and int(m.group(1)) >= kill_after_step and not killed.is_set():
+                    time.sleep(rng.uniform(0.0, 0.3))
+                    killed.set()
+                    os.killpg(p.pid, signal.SIGKILL)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return p, lines, killed
+
     ref_out, ref_path = write("reference")
-    t0 = time.time()
-    subprocess.run(command(ref_path, args.ranks, 29801), env=env, check=True, capture_output=True)
-    full_run_s = time.time() - t0
-    print(f"uninterrupted run: {full_run_s:.1f}s, {len(losses(ref_out))} steps")
+    p, lines, _ = start(ref_path, 29801)
+    p.wait()
+    assert p.returncode == 0, "".join(lines)[-3000:]
+    max_steps = len(losses(ref_out))
+    print(f"uninterrupted run: {max_steps} steps")
 
     out, path = write("crashed")
-    restarts = failures = incomplete_loads = 0
-    kills = 0
+    restarts = failures = incomplete_loads = kills = 0
+    step = 0
     while True:
-        p = subprocess.Popen(command(path, args.ranks, 29802 + restarts % 50), env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        target = min(max_steps, step + rng.randint(1, max(1, 2 * max_steps // max(1, args.kills) - 1)))
+        p, lines, killed = start(path, 29802 + restarts % 50, target if kills < args.kills else None)
         restarts += 1
-        if kills < args.kills:
-            delay = rng.uniform(0.5, full_run_s)
-            try:
-                p.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                kills += 1
-        log, _ = p.communicate()
+        p.wait()
+        time.sleep(0.2)
+        kills += killed.is_set()
+        log = "".join(lines)
         resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
         if resumed and not os.path.isfile(os.path.join(resumed.group(1), "COMPLETE")):
             incomplete_loads += 1
         if p.returncode not in (0, -signal.SIGKILL):
             failures += 1
             print(f"restart {restarts}: FAILED rc={p.returncode}\n{log[-2000:]}")
-        step = resumed.group(2) if resumed else "0"
-        state = "finished" if p.returncode == 0 else f"killed after {delay:.1f}s"
-        print(f"restart {restarts:>2}: resumed at step {step:>2}, {state}")
-        if p.returncode == 0:
-            break
-        if restarts > args.kills + 5:
+        done = [int(m) for m in re.findall(r"^step (\d+) loss", log, flags=re.M)]
+        step = max(done, default=int(resumed.group(2)) if resumed else step)
+        state = f"killed after step {target} was logged" if killed.is_set() else f"exit {p.returncode}"
+        print(f"restart {restarts:>2}: resumed at step {resumed.group(2) if resumed else '-':>2}, {state}", flush=True)
+        if p.returncode == 0 or restarts > 3 * args.kills:
             break
     same_losses = losses(out) == losses(ref_out)
     a, b = weights(ref_out), weights(out)

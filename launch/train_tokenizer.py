@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer (digits split, ChatML template) and save it as a HF tokenizer directory.
 
-    python launch/train_tokenizer.py --input 'data/demo/pretrain/*.txt' --input data/demo/sft_train.jsonl \
+    python launch/train_tokenizer.py --input 'data/demo/pretrain/*.jsonl' --input data/demo/sft_train.jsonl \
         --vocab-size 1024 --out assets/tokenizer
 
 Inputs (repeat --input; globs allowed, quote them):

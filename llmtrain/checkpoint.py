@@ -94,7 +94,8 @@ def save(engine, cfg: Config, trainer_state: dict) -> str:
     if dist.is_main() and os.path.isdir(path):
         shutil.rmtree(path)  # an incomplete leftover of a killed run (a complete one would have been resumed)
     dist.barrier()
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    # LoRA: the frozen base is not saved (it is model.name_or_path): only adapter + optimizer state
+    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=_is_lora(engine))
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(path, "rng", f"rank_{engine.global_rank}.pt"))
     if dist.is_main():
@@ -183,7 +184,9 @@ def convert_to_universal(path: str) -> str:
 def load(engine, path: str) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; return trainer_state."""
     root, tag = os.path.split(os.path.normpath(path))
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          load_module_strict=not _is_lora(engine))
     if load_path is None:
         raise ConfigError(f"train.resume: DeepSpeed could not load {path}")
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -197,14 +200,23 @@ def load(engine, path: str) -> dict:
 # --------------------------------------------------------------------------- export
 
 
+def _is_lora(engine) -> bool:
+    from .lora import is_peft
+
+    return is_peft(engine.module)
+
+
 def export_hf(engine, tokenizer, out_dir: str, stage: int) -> None:
     """Write a Hugging Face model directory (safetensors + tokenizer), replacing out_dir atomically.
 
     Under ZeRO-3 the shards are gathered one parameter group at a time into a 16-bit (or
     training-dtype) state dict on rank 0: a collective, so every rank must call this.
+    LoRA runs write the adapter in PEFT format (only trainable tensors are gathered), and with
+    lora.merge also out_dir/merged/: the base from model.name_or_path with the adapter merged in.
     """
+    lora = _is_lora(engine)
     if stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
     else:
         state_dict = engine.module.state_dict() if dist.is_main() else None
     if dist.is_main():
@@ -215,6 +227,11 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         model.config.use_cache = False
         tokenizer.save_pretrained(tmp)
+        export = getattr(model, "llmtrain_export", {}) if lora else {}
+        if export.get("merge"):
+            from .lora import merge_into_base
+
+            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"])
         if os.path.isdir(out_dir):
             old = out_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)

@@ -123,6 +123,21 @@ class DPOConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters on a frozen base (any task); only adapter params get optimizer state
+    r: int = 16  # adapter rank: trainable params per adapted matrix = r x (in + out features)
+    alpha: float = 32.0  # LoRA scaling numerator: the update is (alpha / r) x B @ A
+    dropout: float = 0.05  # dropout on the adapter's input (0 = none)
+    # module names to adapt (suffixes such as [q_proj, v_proj]) or "all-linear": every linear layer but the LM head
+    target_modules: Union[str, list] = "all-linear"
+    # modules trained fully and saved beside the adapter, e.g. [embed_tokens, lm_head] after adding tokens
+    modules_to_save: list = field(default_factory=list)
+    use_dora: bool = False  # DoRA (Liu 2024): magnitude/direction split; slower per step, often closer to full FT
+    merge: bool = False  # also write final/merged/: the base with the adapter merged in (full safetensors model)
+    qlora: bool = False  # (CUDA GPU + bitsandbytes) base in 4-bit NF4 with double quantisation, bf16 compute
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"  # where everything of a run goes
     overwrite_output_dir: bool = False  # allow reusing an output_dir holding another run (train.resume=never)
@@ -133,6 +148,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # where each key came from ("recipe.yaml:12" or "override"), for error messages
     origins: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -357,6 +373,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
+    _validate_lora(cfg)
     m = cfg.model
     if (m.name_or_path is None) == (m.config is None):
         raise ConfigError(
@@ -369,6 +386,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.where('model.config')}: a model built from model.config needs model.tokenizer (a tokenizer directory)")
     if ".." in os.path.normpath(cfg.output_dir).split(os.sep):
         raise ConfigError(f"{cfg.where('output_dir')}: output_dir={cfg.output_dir!r} must not climb out with '..'")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if not lo.enabled:
+        if lo.qlora or lo.merge:
+            key = "lora.qlora" if lo.qlora else "lora.merge"
+            raise ConfigError(f"{cfg.where(key)}: {key}=true needs lora.enabled=true")
+        return
+    _require(lo.r >= 1, cfg, "lora.r", "must be >= 1 (the adapter rank)")
+    _require(lo.alpha > 0, cfg, "lora.alpha", "must be > 0")
+    _require(0 <= lo.dropout < 1, cfg, "lora.dropout", "must be in [0, 1)")
+    tm = lo.target_modules
+    ok = tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm))
+    _require(ok, cfg, "lora.target_modules", 'must be "all-linear" or a non-empty list of module names (e.g. [q_proj, v_proj])')
+    _require(all(isinstance(x, str) and x for x in lo.modules_to_save), cfg, "lora.modules_to_save",
+             "must be a list of module names (e.g. [embed_tokens, lm_head])")
+    if cfg.model.name_or_path is None:
+        raise ConfigError(f"{cfg.where('lora.enabled')}: lora.enabled=true needs a pretrained base in model.name_or_path "
+                          "(a model built from model.config has random weights that final/ would not hold)")
 
 
 def sources(cfg: Config, key: str) -> list[SourceConfig]:

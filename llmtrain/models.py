@@ -77,7 +77,14 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
     m = cfg.model
     dtype = _DTYPES[precision]
     attn = choose_attention(m.attn_implementation, device)
-    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
+    stage = zero_stage(ds_config)
+    quant = {}
+    if cfg.lora.qlora:
+        from .lora import check_qlora, quantization_kwargs
+
+        check_qlora(cfg, device, stage)
+        quant = quantization_kwargs(cfg, device)
+    keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841
     torch.manual_seed(cfg.train.seed)  # from-scratch init is a function of train.seed
     if m.config is not None:
         spec = dict(m.config)
@@ -96,7 +103,7 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                dtype=dtype, attn_implementation=attn,
+                dtype=dtype, attn_implementation=attn, **quant,
             )
         except ConfigError:
             raise
@@ -110,12 +117,19 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
     model.config.use_cache = False  # a KV cache would stop transformers isolating packed samples
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from .lora import apply_lora
+
+        model = apply_lora(model, cfg, dtype)  # base frozen: only adapter params require grad
     return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), correct under ZeRO-3 where local tensors are empty shards."""
     def numel(p):
+        quant = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: two weights per stored byte
+        if quant is not None:
+            return int(torch.Size(quant.shape).numel())
         return getattr(p, "ds_numel", p.numel())
 
     params = list(model.parameters())

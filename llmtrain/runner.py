@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, dist
+from . import checkpoint, dist, fastpaths, plots, preflight
 from .config import Config, ConfigError, load_config, save_resolved
 from .data.sources import DataError
 from .loop import NonFiniteError, RunState, train_loop
@@ -105,6 +105,7 @@ def setup(cfg: Config, task) -> Run:
     from .models import count_parameters, load_model, load_tokenizer, tokenizer_hash
 
     info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    preflight.run(cfg, info)  # same config/code/tokenizer/data on every rank; rank table; link bandwidth
     seed_everything(cfg.train.seed)
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
@@ -130,6 +131,7 @@ def setup(cfg: Config, task) -> Run:
             resume_path = checkpoint.convert_to_universal(resume_path)
             ds_config["checkpoint"] = {"load_universal": True}
     model = load_model(cfg, tokenizer, ds_config, precision, info.device)
+    model = fastpaths.apply_fast_paths(model, cfg, info.device)  # model.liger / model.compile (explicit switches)
     trainable, total = count_parameters(model)
     engine, _ = eng.initialize(model, cfg, ds_config)
     stage = eng.zero_stage(ds_config)
@@ -164,6 +166,7 @@ def run_task(cfg: Config, task) -> Run:
             return run
         train_loop(run)
         checkpoint.export_hf(run.engine, run.tokenizer, os.path.join(cfg.output_dir, "final"), run.stage)
+        plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png; a failure only warns
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:
         run.logger.close()

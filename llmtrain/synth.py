@@ -316,3 +316,107 @@ def write_jsonl(rows: Iterable[dict], path: str) -> int:
             count += 1
     os.replace(tmp_path, path)
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Digit reversal: the demo's SFT/DPO task. A ~1M-parameter model learns it on 2 CPU cores in a
+# few minutes (held-out exact match ~0% -> ~90% in 300 steps), where 2-digit addition stays
+# under 10%: reversal needs attention to positions, addition needs carries.
+# ---------------------------------------------------------------------------------------------
+
+REVERSE_TEMPLATES = ("Reverse the digits of {x}.", "Write {x} backwards.", "Reverse {x}")
+REVERSE_SYSTEM_PROMPTS = ("Reply with the reversed digits only.", "You reverse numbers.")
+REVERSE_ALPACA_INSTRUCTION = "Reverse the digits."
+_REVERSE_RE = re.compile(r"(\d+)")
+
+
+def is_eval_number(x: str) -> bool:
+    """A stable ~10% of digit strings are held out for eval (hash of the string)."""
+    digest = hashlib.sha256(f"reverse:{x}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < EVAL_PAIR_PERCENT
+
+
+def reverse_answer_of(question: str) -> str:
+    """The gold answer of a reversal question: its (last) digit string, reversed."""
+    found = _REVERSE_RE.findall(question)
+    if not found:
+        raise ValueError(f"no digits in {question!r}")
+    return found[-1][::-1]
+
+
+def _digit_string(rng: random.Random, split: str, min_len: int = 3, max_len: int = 7) -> str:
+    while True:
+        x = "".join(rng.choice("0123456789") for _ in range(rng.randint(min_len, max_len)))
+        if is_eval_number(x) == (split == "eval"):
+            return x
+
+
+def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """Reversal chats mixing the three formats: OpenAI messages (some with a system prompt, some
+    two-turn), ShareGPT conversations and Alpaca rows. Eval rows (split="eval") are single-turn
+    OpenAI rows with the gold `answer`, on digit strings never seen in train."""
+    rng = random.Random(f"sft_reverse:{seed}:{split}")
+    rows = []
+    for i in range(n):
+        x = _digit_string(rng, split)
+        question = rng.choice(REVERSE_TEMPLATES).format(x=x)
+        if split == "eval":
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": x[::-1]}], "answer": x[::-1]})
+            continue
+        kind = i % 4
+        if kind == 0:
+            rows.append({"instruction": REVERSE_ALPACA_INSTRUCTION, "input": x, "output": x[::-1]})
+        elif kind == 1:
+            turns = [{"from": "human", "value": question}, {"from": "gpt", "value": x[::-1]}]
+            if rng.random() < 0.3:
+                turns.insert(0, {"from": "system", "value": rng.choice(REVERSE_SYSTEM_PROMPTS)})
+            rows.append({"conversations": turns})
+        else:
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": x[::-1]}]
+            if kind == 3:  # two turns
+                y = _digit_string(rng, split)
+                messages += [{"role": "user", "content": rng.choice(REVERSE_TEMPLATES).format(x=y)},
+                             {"role": "assistant", "content": y[::-1]}]
+            if rng.random() < 0.3:
+                messages.insert(0, {"role": "system", "content": rng.choice(REVERSE_SYSTEM_PROMPTS)})
+            rows.append({"messages": messages})
+    return rows
+
+
+def wrong_reversal(x: str, rng: random.Random) -> str:
+    """A plausible mistake: the digits unreversed, two digits swapped, or one dropped."""
+    right = x[::-1]
+    for _ in range(20):
+        kind = rng.randrange(3)
+        if kind == 0:
+            wrong = x
+        elif kind == 1:
+            i = rng.randrange(len(right) - 1)
+            wrong = right[:i] + right[i + 1] + right[i] + right[i + 2:]
+        else:
+            i = rng.randrange(len(right))
+            wrong = right[:i] + right[i + 1:]
+        if wrong != right:
+            return wrong
+    return right + "0"
+
+
+def dpo_reverse_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """Preference rows: chosen = the correct reversal, rejected = a plausible wrong one; half as
+    strings, half as message lists (some with a system prompt)."""
+    rng = random.Random(f"dpo_reverse:{seed}:{split}")
+    rows = []
+    for i in range(n):
+        x = _digit_string(rng, split)
+        question = rng.choice(REVERSE_TEMPLATES).format(x=x)
+        chosen, rejected = x[::-1], wrong_reversal(x, rng)
+        if i % 2 == 0:
+            rows.append({"prompt": question, "chosen": chosen, "rejected": rejected})
+        else:
+            prompt = [{"role": "user", "content": question}]
+            if rng.random() < 0.3:
+                prompt.insert(0, {"role": "system", "content": rng.choice(REVERSE_SYSTEM_PROMPTS)})
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+    return rows

@@ -9,6 +9,7 @@ A task gives the loop:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,8 @@ from .data.batching import BatchPlanner, RowStream, StepPlan, collate_sequences,
 from .data.samples import SampleSet, build_cached, cache_key
 from .data.sources import BadRowReport, expand, fingerprint
 from .data.chat import IGNORE_INDEX
-from .losses import causal_lm_loss, packed_sequence_logps, shift_labels, token_logps_from_logits
+from .losses import (causal_lm_loss, packed_sequence_logps, shift_labels, token_logps_and_sum_ce,
+                     token_logps_from_logits)
 
 
 @dataclass
@@ -130,19 +132,68 @@ def _build_sft(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> 
     return build_sft_samples(tokenizer, srcs, cfg.data.max_seq_len, cfg.data.truncation, key, report)
 
 
-def lm_forward_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward the packed/padded batch; per-token log-probs of the next token (B, T) and shifted labels."""
-    out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+# config attributes of models that post-process the LM head's output (softcapping, scaling):
+# the chunked head returns log-probs in its place, which that post-processing would corrupt
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+@contextlib.contextmanager
+def _chunked_lm_head(engine, targets: torch.Tensor, chunk_tokens: int):
+    """While active, the model's LM head returns per-token label log-probs (B, T) instead of
+    logits (B, T, V), computed `chunk_tokens` tokens at a time (losses.token_logps_and_sum_ce).
+
+    Only the head module's `forward` is swapped; the module is still *called* by the model
+    inside the DeepSpeed engine's forward, so ZeRO-3's module hooks gather its (possibly tied)
+    weight before our forward and again before our backward, exactly as for an nn.Linear.
+    """
+    model = engine.module
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    bad = [a for a in _LOGIT_POSTPROCESSING if getattr(config, a, None) not in (None, 1, 1.0)]
+    if head is None or not hasattr(head, "weight") or bad:
+        from .config import ConfigError
+
+        why = f"its config sets {', '.join(bad)} (post-processed logits)" if bad else "it has no linear LM head"
+        raise ConfigError(f"train.loss_chunk_tokens={chunk_tokens} is not supported for this model: {why}; "
+                          "set train.loss_chunk_tokens=0")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        # hidden (B, T, H) in the head's dtype -> label log-probs (B, T) fp32, 0 where ignored
+        token_logps, _ = token_logps_and_sum_ce(hidden, head.weight, targets, chunk_tokens,
+                                                lm_head_bias=getattr(head, "bias", None))
+        return token_logps
+
+    head.forward = forward  # an instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def lm_forward_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward the packed/padded batch; per-token log-probs of the next token (B, T) and shifted labels.
+
+    chunk_tokens > 0 (train.loss_chunk_tokens): the LM head and log-softmax run over that many
+    tokens at a time and the (B, T, V) fp32 logits are never materialised (same values and
+    gradients to float tolerance; backward recomputes each chunk's logits).
+    """
     targets = shift_labels(batch["labels"])  # (B, T): targets[:, t] = labels[:, t + 1]
-    return token_logps_from_logits(out.logits, targets), targets
+    if chunk_tokens <= 0:
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return token_logps_from_logits(out.logits, targets), targets
+    with _chunked_lm_head(engine, targets, chunk_tokens):
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return out.logits, targets  # the head returned (B, T) log-probs in place of logits
 
 
 class SFTTask:
     name = "sft"
+    chunk_tokens = 0  # train.loss_chunk_tokens, set by build_data
 
     def build_data(self, cfg: Config, tokenizer, info, tok_hash: str) -> SequenceData:
         from .data.sft import split_eval
 
+        self.chunk_tokens = cfg.train.loss_chunk_tokens
         train = load_split(cfg, tokenizer, tok_hash, "data.train", _build_sft)
         eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", _build_sft) if cfg.data.eval else None
         if eval_set is None and cfg.data.eval_fraction > 0:
@@ -150,7 +201,7 @@ class SFTTask:
         return SequenceData(cfg, info, train, eval_set, tokenizer.pad_token_id, unit_weights=SampleSet.seq_targets)
 
     def loss(self, engine, batch: dict, global_weight: int):
-        token_logps, targets = lm_forward_logps(engine, batch)
+        token_logps, targets = lm_forward_logps(engine, batch, self.chunk_tokens)
         loss, metrics = causal_lm_loss(token_logps, targets, global_weight)
         return loss, {}
 
@@ -164,9 +215,9 @@ def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -
     return build_preference_samples(tokenizer, srcs, cfg, key, report)
 
 
-def pair_logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together -> summed response log-probs, each (pairs,)."""
-    token_logps, targets = lm_forward_logps(engine, batch)
+    token_logps, targets = lm_forward_logps(engine, batch, chunk_tokens)
     seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
     seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
     logps = packed_sequence_logps(token_logps, targets, seq_ids, int(batch["num_seqs"]))  # (2P,)
@@ -208,16 +259,17 @@ class DPOTask:
         from . import reference
 
         cfg = run.cfg
-        if reference.has_adapters(run.engine):
+        lora = reference.has_adapters(run.engine)
+        dist.print0(f"dpo: reference = {'adapters_disabled' if lora else 'precomputed' if cfg.dpo.precompute_ref else 'frozen_copy'}")
+        if lora:
             return
         if cfg.dpo.precompute_ref:
             self.ref_table = reference.precompute(run, self._policy_logps_for_ref)
         else:
             self.ref_engine = reference.frozen_copy(run)
 
-    @staticmethod
-    def _policy_logps_for_ref(engine, batch):
-        return pair_logps(engine, batch)
+    def _policy_logps_for_ref(self, engine, batch):
+        return pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens)
 
     def _ref_logps(self, engine, batch):
         from . import reference
@@ -227,16 +279,16 @@ class DPOTask:
             return self.ref_table[units, 0], self.ref_table[units, 1]
         with torch.no_grad():
             if self.ref_engine is not None:
-                return pair_logps(self.ref_engine, batch)
+                return pair_logps(self.ref_engine, batch, self.cfg.train.loss_chunk_tokens)
             with reference.adapters_disabled(engine):
-                return pair_logps(engine, batch)
+                return pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens)
 
     def loss(self, engine, batch: dict, global_weight: int):
         from .losses import DPO_LOSSES
 
         d = self.cfg.dpo
         ref_c, ref_r = self._ref_logps(engine, batch)
-        pol_c, pol_r = pair_logps(engine, batch)
+        pol_c, pol_r = pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens)
         kwargs = {"label_smoothing": d.label_smoothing} if d.loss == "sigmoid" else {}
         loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c.to(pol_c.dtype), ref_r.to(pol_r.dtype), d.beta,
                                              reduction="sum", **kwargs)
@@ -244,4 +296,6 @@ class DPOTask:
         return loss_sum / global_weight, {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
 
 
-TASKS = {"sft": SFTTask, "dpo": DPOTask}
+from .data.pretrain import PretrainTask  # noqa: E402  (it imports this module's helpers lazily)
+
+TASKS = {"sft": SFTTask, "dpo": DPOTask, "pretrain": PretrainTask}

@@ -5,12 +5,12 @@ a re-run rewrites byte-identical files.
 
 Writes:
   assets/tokenizer/                  byte-level BPE, vocab 1024, ChatML template (< 1 MB)
-  data/demo/sft_train.jsonl          addition chat rows, OpenAI / ShareGPT / Alpaca formats mixed
-  data/demo/sft_eval.jsonl           held-out pairs: {"messages": [...], "answer": "122"}
+  data/demo/sft_train.jsonl          digit-reversal chat rows, OpenAI / ShareGPT / Alpaca formats mixed
+  data/demo/sft_eval.jsonl           held-out digit strings: {"messages": [...], "answer": "4321"}
   data/demo/dpo_train.jsonl          preference rows, string and message-list forms mixed
   data/demo/dpo_eval.jsonl           same, on held-out pairs
-  data/demo/pretrain/shard_00N.txt   pretraining text, documents separated by a blank line
-  data/demo/pretrain_eval.txt        held-out pretraining text (outside pretrain/ so a *.txt glob skips it)
+  data/demo/pretrain/shard_00N.jsonl pretraining text, one {"text": document} per line
+  data/demo/pretrain_eval.jsonl      held-out pretraining text (outside pretrain/ so a *.jsonl glob skips it)
 """
 
 import os
@@ -33,12 +33,6 @@ PRETRAIN_SHARDS = 3
 PRETRAIN_DOCS_PER_SHARD = 1500  # ~0.4 MB of text per shard
 PRETRAIN_EVAL_DOCS = 200
 SEED = 0  # one seed for every generator; the eval split is fixed by pair hashing, not by seed
-
-
-def _write_docs(docs: list[str], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("\n\n".join(docs) + "\n")
 
 
 def _sft_texts(rows: list[dict]):
@@ -64,18 +58,22 @@ def _train_tokenizer(texts, out_dir: str) -> str:
 
 def main() -> None:
     demo = os.path.join(REPO_ROOT, "data", "demo")
+    # the demo task is digit reversal (learnable in minutes on CPU); the tokenizer was trained on the
+    # addition chats, which keeps it (and its hash) fixed
     sft_train = synth.sft_addition(SFT_TRAIN_ROWS, seed=SEED)
-    synth.write_jsonl(sft_train, os.path.join(demo, "sft_train.jsonl"))
-    synth.write_jsonl(synth.sft_addition_eval(SFT_EVAL_ROWS, seed=SEED), os.path.join(demo, "sft_eval.jsonl"))
-    synth.write_jsonl(synth.dpo_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
-    synth.write_jsonl(synth.dpo_pairs(DPO_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "dpo_eval.jsonl"))
+    synth.write_jsonl(synth.sft_reverse(SFT_TRAIN_ROWS, seed=SEED), os.path.join(demo, "sft_train.jsonl"))
+    synth.write_jsonl(synth.sft_reverse(SFT_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "sft_eval.jsonl"))
+    synth.write_jsonl(synth.dpo_reverse_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
+    synth.write_jsonl(synth.dpo_reverse_pairs(DPO_EVAL_ROWS, seed=SEED, split="eval"),
+                      os.path.join(demo, "dpo_eval.jsonl"))
 
     pretrain_docs = []
     for shard in range(PRETRAIN_SHARDS):
         docs = synth.pretrain_corpus(PRETRAIN_DOCS_PER_SHARD, seed=SEED + shard)
-        _write_docs(docs, os.path.join(demo, "pretrain", f"shard_{shard:03d}.txt"))
+        synth.write_jsonl([{"text": d} for d in docs], os.path.join(demo, "pretrain", f"shard_{shard:03d}.jsonl"))
         pretrain_docs.extend(docs)
-    _write_docs(synth.pretrain_corpus(PRETRAIN_EVAL_DOCS, seed=SEED + 1000), os.path.join(demo, "pretrain_eval.txt"))
+    synth.write_jsonl([{"text": d} for d in synth.pretrain_corpus(PRETRAIN_EVAL_DOCS, seed=SEED + 1000)],
+                      os.path.join(demo, "pretrain_eval.jsonl"))
 
     tok_dir = os.path.join(REPO_ROOT, "assets", "tokenizer")
     os.makedirs(os.path.dirname(tok_dir), exist_ok=True)

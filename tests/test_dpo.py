@@ -96,7 +96,9 @@ def test_sequence_logps_ignore_prompt_and_padding_and_packed_equals_unpacked():
             assert abs(got.item() - expected.item()) < 1e-4
         # the response mask covers the answer and its end-of-turn token only
         ids, labels = flat[0]
-        assert tok.decode(ids[labels != IGNORE_INDEX]).strip() == "84<|im_end|>"
+        first = json.loads(open(DPO_TRAIN).readline())
+        chosen = first["chosen"] if isinstance(first["chosen"], str) else first["chosen"][-1]["content"]
+        assert tok.decode(ids[labels != IGNORE_INDEX]).strip() == f"{chosen}<|im_end|>"
 
 
 @pytest.mark.parametrize("row,reason", [

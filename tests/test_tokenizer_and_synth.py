@@ -198,3 +198,22 @@ def test_cli_errors_are_one_line(tmp_path):
         proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_reversal_task_rows_are_correct_disjoint_and_mixed():
+    train = synth.sft_reverse(400, seed=0)
+    evals = synth.sft_reverse(100, seed=0, split="eval")
+    kinds = {("messages" in r, "conversations" in r, "instruction" in r) for r in train}
+    assert len(kinds) == 3  # OpenAI, ShareGPT and Alpaca rows
+    assert any(r.get("messages", [{}])[0].get("role") == "system" for r in train)
+    assert any(len(r.get("messages", [])) >= 4 for r in train)  # multi-turn
+    for r in evals:
+        q, a = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert r["answer"] == a == synth.reverse_answer_of(q) and synth.is_eval_number(a[::-1])
+    train_numbers = {r["input"] for r in synth.sft_reverse(2000, seed=0) if "input" in r}
+    assert not train_numbers & {r["answer"][::-1] for r in evals}
+    for row in synth.dpo_reverse_pairs(200, seed=0):
+        chosen = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][-1]["content"]
+        rejected = row["rejected"] if isinstance(row["rejected"], str) else row["rejected"][-1]["content"]
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+        assert chosen == synth.reverse_answer_of(prompt) and rejected != chosen

@@ -102,13 +102,6 @@ if ! munge_ok; then
     munge_ok || die 1 "munged started but 'munge -n | unmunge' fails; see /var/log/munge/munged.log"
 fi
 
-# --- already running? -----------------------------------------------------------------------
-# Then leave it exactly as it is (config included): run slurm_down.sh first to change it.
-if alive "$SLURM_DIR/run/slurmctld.pid" slurmctld && alive "$SLURM_DIR/run/slurmd.pid" slurmd; then
-    export SLURM_CONF="$CONF"
-    wait_idle "$SECONDS"
-fi
-
 # --- config ---------------------------------------------------------------------------------
 mkdir -p "$SLURM_DIR"/{etc,state,spool,run,log}
 # nproc honours OMP_NUM_THREADS (tests/conftest.py sets it to 1): ask without it.
@@ -141,6 +134,12 @@ MpiDefault=none
 # A node that went DOWN (e.g. slurmd restarted) comes back by itself once it registers.
 ReturnToService=2
 JobRequeue=1
+# A requeued job may start again only after the step credential lifetime (cred_expire, default 120 s):
+# 10 s here so that requeue tests do not idle for two minutes (launching a step takes well under 10 s).
+AuthInfo=cred_expire=10
+# Scheduling passes every second (defaults: main loop 60 s, backfill 30 s), so a job whose begin
+# time passed (a requeued one) starts at once instead of at the next pass.
+SchedulerParameters=sched_interval=1,bf_interval=1
 # Lets LLMTRAIN_SLURM_CPUS declare more CPUs than the host has without the node being drained.
 SlurmdParameters=config_overrides
 StateSaveLocation=$SLURM_DIR/state
@@ -161,6 +160,17 @@ NodeName=$NODE NodeAddr=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 )"
+# --- already running? -----------------------------------------------------------------------
+# Then keep it (running jobs survive); a changed config is written and reread with `scontrol reconfigure`.
+if alive "$SLURM_DIR/run/slurmctld.pid" slurmctld && alive "$SLURM_DIR/run/slurmd.pid" slurmd; then
+    export SLURM_CONF="$CONF"
+    if [[ "$(cat "$CONF" 2>/dev/null)" != "$new_conf" ]]; then
+        log "config changed: rewriting $CONF and running scontrol reconfigure"
+        printf '%s\n' "$new_conf" >"$CONF"
+        scontrol reconfigure >/dev/null 2>&1 || log "scontrol reconfigure failed; run slurm_down.sh and slurm_up.sh to restart"
+    fi
+    wait_idle "$SECONDS"
+fi
 printf '%s\n' "$new_conf" >"$CONF"
 # slurmd reads cgroup.conf beside slurm.conf even with no cgroup plugin configured.
 [[ -s "$SLURM_DIR/etc/cgroup.conf" ]] || echo "CgroupAutomount=no  # unused: no cgroup plugins (see slurm.conf)" >"$SLURM_DIR/etc/cgroup.conf"

@@ -1,0 +1,18 @@
+"""Tokenize a pretraining recipe's corpora into token shards, once, before training:
+
+    python launch/prepare.py --recipe recipes/debug/pretrain.yaml [--workers N] [key=value ...]
+
+Every data.train / data.eval entry with `prepare_from` (raw .txt/.jsonl/.json/.parquet files,
+globs or saved datasets) is tokenized with the recipe's tokenizer into its `path`, in parallel
+worker processes with a progress bar. Interrupted runs resume (finished shards are kept); a
+rerun on unchanged input is a no-op. Entries without `prepare_from` are only checked.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from llmtrain.data.pretrain import prepare_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(prepare_main())
