@@ -21,7 +21,7 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     args = p.parse_args()
-    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+    if not any(os.path.isfile(os.path.join(args.model_dir, f)) for f in ("config.json", "adapter_config.json")):
         print(f"error: {args.model_dir} is not a model directory (no config.json); pass <output_dir>/final", file=sys.stderr)
         return 2
     model, tok = load_for_inference(args.model_dir)

@@ -1,6 +1,8 @@
 """Generation with a trained model's chat template: the chat CLI and the demo's exact-match eval."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -46,5 +48,10 @@ def load_for_inference(path: str, device: str = "auto"):
 
     hf_logging.disable_progress_bar()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        from peft import AutoPeftModelForCausalLM  # a LoRA final/: base from adapter_config.json + adapter
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
     return model, tok
