@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .chat import IGNORE_INDEX, RowError, tokenize_chat, validate_messages
-from .sources import BadRow, BadRowReport
+from .sources import BadRowReport
 
 
 def _as_messages(value, field: str) -> list[dict]:
@@ -72,21 +72,13 @@ def encode_pair(tokenizer, record: dict, max_seq_len: int, max_prompt_len: int):
 
 def build_preference_samples(tokenizer, srcs, cfg, key: str, report: BadRowReport):
     from .samples import SampleSet
-    from .sft import iter_rows
+    from .sft import encoded_rows
 
     d = cfg.data
 
     def sequences():
-        for row, _src in iter_rows(srcs, key):
-            report.total += 1
-            if isinstance(row, BadRow):
-                report.add(row)
-                continue
-            try:
-                pair = encode_pair(tokenizer, row.record, d.max_seq_len, d.max_prompt_len)
-            except RowError as e:
-                report.add(BadRow(row.origin, str(e)))
-                continue
+        encode = lambda record, _src: encode_pair(tokenizer, record, d.max_seq_len, d.max_prompt_len)  # noqa: E731
+        for pair in encoded_rows(srcs, key, report, encode):
             yield from pair  # chosen, then rejected: SampleSet unit = 2 consecutive sequences
 
     return SampleSet.from_sequences(sequences(), seqs_per_unit=2)

@@ -39,22 +39,27 @@ def encode_row(tokenizer, record: dict, fmt: str, max_seq_len: int, truncation: 
     return ids, labels
 
 
+def encoded_rows(srcs: list[SourceConfig], key: str, report: BadRowReport, encode) -> Iterator:
+    """encode(record, source) for every row; unparsable rows and RowErrors go to `report` with file:line."""
+    for row, src in iter_rows(srcs, key):
+        report.total += 1
+        if isinstance(row, BadRow):
+            report.add(row)
+            continue
+        try:
+            yield encode(row.record, src)
+        except RowError as e:
+            report.add(BadRow(row.origin, str(e)))
+
+
 def build_sft_samples(tokenizer, srcs: list[SourceConfig], max_seq_len: int, truncation: str, key: str,
                       report: BadRowReport):
     """Tokenize every row; malformed rows go to `report` with their file:line."""
     from .samples import SampleSet
 
     def sequences():
-        for row, src in iter_rows(srcs, key):
-            report.total += 1
-            if isinstance(row, BadRow):
-                report.add(row)
-                continue
-            try:
-                enc = encode_row(tokenizer, row.record, src.format, max_seq_len, truncation)
-            except RowError as e:
-                report.add(BadRow(row.origin, str(e)))
-                continue
+        encode = lambda record, src: encode_row(tokenizer, record, src.format, max_seq_len, truncation)  # noqa: E731
+        for enc in encoded_rows(srcs, key, report, encode):
             if enc is None:
                 report.dropped_too_long += 1
                 continue
