@@ -181,8 +181,31 @@ def convert_to_universal(path: str) -> str:
     return out
 
 
+def _weights_only_engine():
+    """DeepSpeed's checkpoint engine, but loading with torch.load(weights_only=True): a checkpoint
+    path can come from anywhere (train.resume), and unpickling it must not run code. Only the few
+    plain DeepSpeed classes its states hold are allowed besides tensors and containers."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # pickle.UnpicklingError names the object it refused
+                raise ConfigError(f"train.resume: {path} holds objects outside the safe list "
+                                  f"({str(e).strip().splitlines()[0][:200]}); refusing to unpickle it") from None
+
+    return WeightsOnlyCheckpointEngine()
+
+
 def load(engine, path: str) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; return trainer_state."""
+    engine.checkpoint_engine = _weights_only_engine()
     root, tag = os.path.split(os.path.normpath(path))
     # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,

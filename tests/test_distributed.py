@@ -48,7 +48,7 @@ def one_rank_reference(tiny_model_dir, tmp_path_factory):
     return recipe["output_dir"], tmp
 
 
-@pytest.mark.parametrize("launcher,stage", [("deepspeed", 1), ("torchrun", 2), ("mpirun", 3)])
+@pytest.mark.parametrize("launcher,stage", [("deepspeed", "1"), ("torchrun", "2"), ("mpirun", "3"), ("torchrun", "3_offload")])
 def test_two_ranks_match_one_rank_with_accumulation(one_rank_reference, tiny_model_dir, tmp_path, launcher, stage):
     if launcher == "mpirun" and not have("mpirun"):
         pytest.skip("OpenMPI (mpirun) is not installed; scripts/setup.sh installs it as root")
