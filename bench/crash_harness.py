@@ -31,7 +31,7 @@ def recipe(model_dir: str, out: str) -> dict:
         "output_dir": out,
         "model": {"name_or_path": model_dir},
         "data": {"train": [os.path.join(REPO, "data/demo/sft_train.jsonl")], "max_seq_len": 64, "packing": True},
-        "train": {"max_steps": 60, "seed": 3, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 2,
+        "train": {"max_steps": 100, "seed": 3, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 2,
                   "save_every": 1, "keep_last": 2, "log_every": 1},
         "deepspeed": {"config": os.path.join(REPO, "ds_configs/zero2.json")},
         "logging": {"progress": False},
@@ -115,7 +115,10 @@ def main() -> int:
     restarts = failures = incomplete_loads = kills = 0
     step = 0
     while True:
-        target = min(max_steps, step + rng.randint(1, max(1, 2 * max_steps // max(1, args.kills) - 1)))
+        target = min(max_steps, step + rng.randint(1, max(1, max_steps // max(1, 2 * args.kills))))
+        ckpts = os.path.join(out, "checkpoints")
+        complete_before = {os.path.join(ckpts, d) for d in (os.listdir(ckpts) if os.path.isdir(ckpts) else [])
+                           if os.path.isfile(os.path.join(ckpts, d, "COMPLETE"))}
         p, lines, killed = start(path, 29802 + restarts % 50, target if kills < args.kills else None)
         restarts += 1
         p.wait()
@@ -123,7 +126,7 @@ def main() -> int:
         kills += killed.is_set()
         log = "".join(lines)
         resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
-        if resumed and not os.path.isfile(os.path.join(resumed.group(1), "COMPLETE")):
+        if resumed and resumed.group(1) not in complete_before:  # it must have been complete when we started
             incomplete_loads += 1
         if p.returncode not in (0, -signal.SIGKILL):
             failures += 1

@@ -5,8 +5,11 @@ Launchers describe the job in different environment variables:
   OpenMPI (mpirun):     OMPI_COMM_WORLD_RANK / _LOCAL_RANK / _SIZE (master address via mpi4py)
   Slurm (srun):         SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST
   plain `python`:       none of them: a world of one
-We normalise them all to the torch.distributed env:// variables, then let DeepSpeed
-initialise the process group with a timeout so a missing rank fails instead of hanging.
+We normalise them all to the torch.distributed env:// variables, meet every rank at
+MASTER_ADDR:MASTER_PORT (rank 0 serves a TCPStore; each rank registers its number), then hand the
+process group to DeepSpeed. Anything missing or contradictory (a rank that never arrives, a rank
+claimed twice, a busy master port, an unresolvable MASTER_ADDR) ends as one line per rank naming
+it (LaunchError, exit status 2) within dist.timeout_minutes instead of a hang or a C++ traceback.
 """
 from __future__ import annotations
 
@@ -75,10 +78,15 @@ def discover_env() -> str:
         if "MASTER_ADDR" not in env:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
             if not nodelist:
-                raise RuntimeError("Slurm: SLURM_JOB_NODELIST is not set; run under srun inside an allocation")
+                raise fail(f"rank {env['RANK']}: Slurm step without SLURM_JOB_NODELIST or MASTER_ADDR; run under srun "
+                           "inside an allocation (launch/slurm/train.sbatch) or export MASTER_ADDR")
             env["MASTER_ADDR"] = _first_slurm_host(nodelist)
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         return "slurm"
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "1").isdigit() and int(env["SLURM_NTASKS"]) > 1:
+        # the batch script itself (no SLURM_STEP_ID): the other tasks were never started
+        warn(f"Slurm job {env['SLURM_JOB_ID']} has SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not "
+             "started by srun: running as a single rank; start the ranks with srun (launch/slurm/train.sbatch)")
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))

@@ -171,7 +171,7 @@ def train_loop(run) -> RunState:
             logger.message(f"step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 
         # --- checkpoint ---
-        preempted = stop.agreed(info.device)
+        preempted = stop.agreed()
         if (t.save_every and state.step % t.save_every == 0) or last or preempted:
             run.save_checkpoint()
         if preempted and not last:

@@ -26,14 +26,24 @@ class StopFlag:
         self.received: int | None = None
         for s in signals:
             signal.signal(s, self._handler)
+        # the flag travels on a CPU (gloo) group: checking it every step must not sync the GPU stream
+        import torch.distributed as tdist
+
+        self.group = None
+        if tdist.is_initialized() and tdist.get_world_size() > 1 and tdist.get_backend() != "gloo":
+            self.group = tdist.new_group(backend="gloo")  # collective: every rank creates it here
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank got a signal (one tiny all-reduce)."""
-        flag = torch.tensor(1.0 if self.received is not None else 0.0, device=device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+    def agreed(self) -> bool:
+        """True on every rank once any rank got a signal (one tiny CPU all-reduce per step)."""
+        import torch.distributed as tdist
+
+        flag = torch.tensor(1.0 if self.received is not None else 0.0)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.SUM, group=self.group)
+        return bool(flag.item() > 0)
 
 
 def requeue_slurm_job() -> None:
