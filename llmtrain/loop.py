@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +67,38 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class Prefetcher:
+    """Plans and collates the next steps' batches in a background thread while the current step
+    computes (on CUDA into pinned memory, so the copy to the GPU is asynchronous too).
+
+    The data objects advance their position when a step is planned, i.e. ahead of training; each
+    item therefore carries the data state *after its own step*, which is what a checkpoint saves.
+    """
+
+    def __init__(self, data, steps: int, pin: bool):
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._work, args=(data, steps, pin), daemon=True)
+        self.thread.start()
+
+    def _work(self, data, steps: int, pin: bool) -> None:
+        try:
+            for _ in range(steps):
+                plan = data.next_step()
+                state = data.state_dict()
+                batches = data.batches(plan)
+                if pin:
+                    batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+                self.queue.put((plan, batches, state))
+        except BaseException as e:  # handed to the training thread, which raises it
+            self.queue.put(e)
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 def evaluate(run, eval_set) -> dict:
     """Loss (and task metrics) over the whole eval set, all ranks, normalised like training."""
     engine, task = run.engine, run.task
@@ -101,9 +135,9 @@ def train_loop(run) -> RunState:
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
 
+    prefetch = Prefetcher(data, t.max_steps - state.step, pin=info.device.type == "cuda")
     while state.step < t.max_steps:
-        plan = data.next_step()
-        batches = data.batches(plan)
+        plan, batches, run.data_state = prefetch.next()
         # --- forward/backward ---
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
         metric_sums: dict[str, torch.Tensor] = {}

@@ -63,6 +63,7 @@ class Run:
     precision: str
     logger: Any
     state: RunState
+    data_state: Optional[dict] = None  # data position after the last trained step (the loop prefetches ahead)
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -71,7 +72,7 @@ class Run:
             "tokens_seen": self.state.tokens_seen,
             "skipped_steps": self.state.skipped_steps,
             "consecutive_skips": self.state.consecutive_skips,
-            "data": self.data.state_dict(),
+            "data": self.data_state if self.data_state is not None else self.data.state_dict(),
             "tokenizer_hash": self.tok_hash,
             "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
             "world_size": self.info.world_size,

@@ -216,8 +216,10 @@ def _eval_split(train: list[tuple[TokenShards, float]], fraction: float, row_tok
 
 class PretrainTask:
     name = "pretrain"
+    chunk_tokens = 0  # train.loss_chunk_tokens, set in build_data
 
     def build_data(self, cfg: Config, tokenizer, info, tok_hash: str) -> PretrainData:
+        self.chunk_tokens = cfg.train.loss_chunk_tokens
         # shards record the sha256 of the tokenizer backend (shards.tokenizer_hash), not the
         # run's identity hash `tok_hash` (which also covers the chat template)
         shard_hash = tokenizer_hash(tokenizer)
@@ -232,7 +234,7 @@ class PretrainTask:
         from ..losses import causal_lm_loss
         from ..tasks import lm_forward_logps  # lazy: llmtrain.tasks imports this module
 
-        token_logps, targets = lm_forward_logps(engine, batch)
+        token_logps, targets = lm_forward_logps(engine, batch, self.chunk_tokens)
         loss, _ = causal_lm_loss(token_logps, targets, global_weight)
         return loss, {}
 
