@@ -338,8 +338,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def shutdown() -> None:
+    """Wait for every rank, then tear the process group down."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        except Exception:  # a rank already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
