@@ -364,7 +364,7 @@ def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
             rows.append({"messages": [{"role": "user", "content": question},
                                       {"role": "assistant", "content": x[::-1]}], "answer": x[::-1]})
             continue
-        kind = i % 4
+        kind = i % 10  # 10% Alpaca, 10% ShareGPT, 10% two-turn, 70% single-turn messages (learns fastest)
         if kind == 0:
             rows.append({"instruction": REVERSE_ALPACA_INSTRUCTION, "input": x, "output": x[::-1]})
         elif kind == 1:
@@ -374,7 +374,7 @@ def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
             rows.append({"conversations": turns})
         else:
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": x[::-1]}]
-            if kind == 3:  # two turns
+            if kind == 2:  # two turns
                 y = _digit_string(rng, split)
                 messages += [{"role": "user", "content": rng.choice(REVERSE_TEMPLATES).format(x=y)},
                              {"role": "assistant", "content": y[::-1]}]

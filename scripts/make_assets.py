@@ -25,7 +25,7 @@ from llmtrain import synth  # noqa: E402
 from llmtrain.tokenizer_train import tokenizer_hash, train_bpe_tokenizer  # noqa: E402
 
 TOKENIZER_VOCAB_SIZE = 1024  # total ids incl. 3 special tokens and 256 byte symbols
-SFT_TRAIN_ROWS = 4000
+SFT_TRAIN_ROWS = 10000
 SFT_EVAL_ROWS = 200
 DPO_TRAIN_ROWS = 2000
 DPO_EVAL_ROWS = 200
@@ -60,7 +60,7 @@ def main() -> None:
     demo = os.path.join(REPO_ROOT, "data", "demo")
     # the demo task is digit reversal (learnable in minutes on CPU); the tokenizer was trained on the
     # addition chats, which keeps it (and its hash) fixed
-    sft_train = synth.sft_addition(SFT_TRAIN_ROWS, seed=SEED)
+    sft_train = synth.sft_addition(4000, seed=SEED)  # tokenizer training text only (keeps its hash)
     synth.write_jsonl(synth.sft_reverse(SFT_TRAIN_ROWS, seed=SEED), os.path.join(demo, "sft_train.jsonl"))
     synth.write_jsonl(synth.sft_reverse(SFT_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "sft_eval.jsonl"))
     synth.write_jsonl(synth.dpo_reverse_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
