@@ -342,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2 if problems else 0
     if not args.recipe:
         p.error("--recipe is required (or --hostfile)")
+    code = 0
     try:
         cfg = load_config(args.recipe, args.overrides)
         info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
@@ -349,7 +350,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.shutdown()
-    return 0
+        code = 2
+    return dist.finish(code)

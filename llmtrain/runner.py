@@ -196,16 +196,4 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
-    multi_rank = dist.world_size() > 1
-    dist.shutdown()
-    if multi_rank:
-        # Skip interpreter finalisation: gloo's worker threads can still release tensors while
-        # Python tears down and abort the process (seen ~1 in 4 runs under ZeRO-3 + mpirun), which
-        # would turn a finished run into a crash. Everything of ours is written and closed here.
-        mpi = sys.modules.get("mpi4py.MPI")  # mpirun counts a rank that skips MPI_Finalize as failed
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return dist.finish(code)

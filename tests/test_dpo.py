@@ -129,3 +129,18 @@ def test_bad_preference_rows_are_counted_with_file_and_line(tmp_path):
     assert len(samples) == 1 and samples.num_seqs == 2
     assert {b.origin for b in report.bad} == {f"{path}:2", f"{path}:3"}
     assert "over data.max_prompt_len=32" in report.bad[0].reason
+
+
+def test_resumed_dpo_run_logs_the_uninterrupted_losses(tiny_model_dir, tmp_path):
+    """Interrupted after its step-2 checkpoint and resumed: same losses bitwise (the precomputed
+    reference log-probs are read back from the cache, not recomputed from the trained policy)."""
+    import shutil
+
+    recipe = dpo_recipe(tmp_path, tiny_model_dir, max_steps=4, grad_accum=2, lr=5e-3, save_every=2, keep_last=3)
+    recipe["dpo"]["precompute_ref"] = True
+    reference = [r["loss"] for r in run_dpo(tmp_path, recipe)]
+    out = recipe["output_dir"]
+    shutil.rmtree(os.path.join(out, "checkpoints", "step_00000004"))
+    shutil.rmtree(os.path.join(out, "final"))
+    resumed = [r["loss"] for r in run_dpo(tmp_path, recipe)]
+    assert resumed == reference
