@@ -64,7 +64,7 @@ def _no_update(engine):
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class Prefetcher:
@@ -87,7 +87,7 @@ class Prefetcher:
                 state = data.state_dict()
                 batches = data.batches(plan)
                 if pin:
-                    batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+                    batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
                 self.queue.put((plan, batches, state))
         except BaseException as e:  # handed to the training thread, which raises it
             self.queue.put(e)

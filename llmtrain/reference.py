@@ -69,7 +69,7 @@ def precompute(run, logps_fn) -> torch.Tensor:
             for rows in batches:
                 batch = data.collate(samples, rows)
                 ids = batch.pop("unit_ids").to(run.info.device)
-                chosen, rejected = logps_fn(run.engine, {k: v.to(run.info.device) for k, v in batch.items()})
+                chosen, rejected = logps_fn(run.engine, {k: v.to(run.info.device) if torch.is_tensor(v) else v for k, v in batch.items()})
                 table[ids, 0] = chosen.double()
                 table[ids, 1] = rejected.double()
     run.engine.train()

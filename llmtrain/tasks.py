@@ -220,7 +220,7 @@ def pair_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor
     token_logps, targets = lm_forward_logps(engine, batch, chunk_tokens)
     seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
     seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
-    logps = packed_sequence_logps(token_logps, targets, seq_ids, int(batch["num_seqs"]))  # (2P,)
+    logps = packed_sequence_logps(token_logps, targets, seq_ids, batch["num_seqs"])  # (2P,)
     pairs = logps.view(-1, 2)  # (2P,) -> (P, 2): sequences alternate chosen, rejected
     return pairs[:, 0], pairs[:, 1]
 

@@ -140,7 +140,8 @@ def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: i
     batches need no attention_mask either (and keep sdpa's fast causal path).
 
     Returns input_ids, labels, position_ids (B, L) and seq_index (B, L): the sequence number
-    (in the order given) of every position, -1 on padding — used to sum per-sequence log-probs.
+    (in the order given) of every position, -1 on padding — used to sum per-sequence log-probs —
+    and num_seqs, the number of sequences (an int).
     """
     width = max((sum(len(i) for i, _ in row) for row in seqs), default=1) or 1
     B = max(1, len(seqs))
@@ -164,4 +165,4 @@ def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: i
             last = int(position_ids[b, pos - 1]) + 1 if pos else 0
             position_ids[b, pos:] = torch.arange(last, last + width - pos)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_index": seq_index,
-            "num_seqs": torch.tensor(k)}
+            "num_seqs": k}  # a Python int: reading it must not sync the device
