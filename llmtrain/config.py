@@ -120,6 +120,8 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO (Rafailov 2023), IPO (Azar 2023), hinge (SLiC)
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
     precompute_ref: bool = False  # compute reference log-probs once before training (no ref model in memory)
+    # RPO (Pang 2024; TRL rpo_alpha): add nll_weight x the chosen response's per-token NLL to the loss
+    nll_weight: float = 0.0
 
 
 @dataclass
@@ -373,6 +375,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
+    _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")
     _validate_lora(cfg)
     m = cfg.model
     if (m.name_or_path is None) == (m.config is None):

@@ -395,6 +395,24 @@ def dpo_hinge_loss(
     return _reduce(per_pair, reduction), metrics
 
 
+def chosen_nll_loss(
+    policy_chosen_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    reduction: str = "mean",  # "mean" over the B pairs, or "sum" to divide by a global pair count
+) -> torch.Tensor:
+    """Length-normalised NLL of the chosen response, the extra term of RPO (Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization", eq. 1; TRL's ``rpo_alpha``):
+
+    ``L_NLL = -log pi(y_w|x) / |y_w|``, added to a preference loss as ``L + alpha * L_NLL``.
+
+    DPO alone only widens the chosen - rejected margin and may lower both log-probs, so the
+    greedy answer can get worse while reward accuracy rises; this term keeps y_w likely.
+    Inputs (B,): summed chosen log-probs and the number of chosen target tokens (>= 1).
+    """
+    per_pair = -policy_chosen_logps / chosen_tokens.clamp(min=1).to(policy_chosen_logps.dtype)
+    return _reduce(per_pair, reduction)
+
+
 # name in the recipe (dpo.loss_type) -> loss function. Extra arguments (label_smoothing for
 # "sigmoid") are bound by the caller, e.g. with functools.partial.
 DPO_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {

@@ -215,14 +215,19 @@ def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -
     return build_preference_samples(tokenizer, srcs, cfg, key, report)
 
 
-def pair_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected together -> summed response log-probs, each (pairs,)."""
+def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = False):
+    """One forward over chosen and rejected together -> summed response log-probs, each (pairs,);
+    with_lengths also returns the chosen responses' target-token counts (pairs,)."""
     token_logps, targets = lm_forward_logps(engine, batch, chunk_tokens)
     seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
     seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
     logps = packed_sequence_logps(token_logps, targets, seq_ids, batch["num_seqs"])  # (2P,)
     pairs = logps.view(-1, 2)  # (2P,) -> (P, 2): sequences alternate chosen, rejected
-    return pairs[:, 0], pairs[:, 1]
+    if not with_lengths:
+        return pairs[:, 0], pairs[:, 1]
+    ones = torch.ones_like(token_logps)
+    lengths = packed_sequence_logps(ones, targets, seq_ids, batch["num_seqs"]).view(-1, 2)  # (P, 2) token counts
+    return pairs[:, 0], pairs[:, 1], lengths[:, 0]
 
 
 class DPOTask:
@@ -284,16 +289,22 @@ class DPOTask:
                 return pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens)
 
     def loss(self, engine, batch: dict, global_weight: int):
-        from .losses import DPO_LOSSES
+        from .losses import DPO_LOSSES, chosen_nll_loss
 
         d = self.cfg.dpo
         ref_c, ref_r = self._ref_logps(engine, batch)
-        pol_c, pol_r = pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens)
+        pol_c, pol_r, chosen_len = pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens, with_lengths=True)
         kwargs = {"label_smoothing": d.label_smoothing} if d.loss == "sigmoid" else {}
         loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c.to(pol_c.dtype), ref_r.to(pol_r.dtype), d.beta,
                                              reduction="sum", **kwargs)
         pairs = pol_c.shape[0]
-        return loss_sum / global_weight, {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
+        sums = {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
+        nll_sum = chosen_nll_loss(pol_c, chosen_len, reduction="sum")
+        sums["chosen_nll"] = nll_sum.detach()
+        if d.nll_weight:
+            sums["preference_loss"] = loss_sum.detach()
+            loss_sum = loss_sum + d.nll_weight * nll_sum
+        return loss_sum / global_weight, sums
 
 
 from .data.pretrain import PretrainTask  # noqa: E402  (it imports this module's helpers lazily)

@@ -59,6 +59,18 @@ def test_precomputed_reference_gives_the_same_losses_as_a_frozen_copy(frozen_cop
     assert [r["reward_margin"] for r in rows] == pytest.approx([r["reward_margin"] for r in frozen_copy_run], abs=1e-6)
 
 
+def test_nll_weight_adds_the_chosen_per_token_nll(frozen_copy_run, tiny_model_dir, tmp_path):
+    # RPO: loss = DPO + w * chosen NLL per token; at step 0 DPO is ln 2, so the first loss is
+    # ln 2 + w * the chosen NLL the plain DPO run logged on the same first batch
+    w = 0.5
+    rows = run_dpo(tmp_path, dpo_recipe(tmp_path, tiny_model_dir, max_steps=1, grad_accum=4, lr=5e-3)
+                   | {"dpo": {"beta": 0.1, "loss": "sigmoid", "nll_weight": w}})
+    plain = frozen_copy_run[0]
+    assert plain["chosen_nll"] > 1.0  # an untrained model: several nats per token
+    assert rows[0]["preference_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["loss"] == pytest.approx(math.log(2) + w * plain["chosen_nll"], rel=1e-6)
+
+
 @pytest.mark.multiproc
 def test_two_ranks_zero3_match_one_rank_with_accumulation(frozen_copy_run, tiny_model_dir, tmp_path):
     recipe = dpo_recipe(tmp_path, tiny_model_dir, max_steps=3, grad_accum=2, lr=5e-3)
@@ -82,9 +94,11 @@ def test_sequence_logps_ignore_prompt_and_padding_and_packed_equals_unpacked():
     packed = collate_sequences([flat[:4], flat[4:]], tok.pad_token_id)
     with torch.no_grad():
         c1, r1 = pair_logps(model, unpacked)
-        c2, r2 = pair_logps(model, packed)
+        c2, r2, chosen_len = pair_logps(model, packed, with_lengths=True)
         torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+        # the chosen lengths (RPO's per-token normaliser) count each chosen response's target tokens
+        assert chosen_len.tolist() == [float((labels[1:] != IGNORE_INDEX).sum()) for ids, labels in flat[::2]]
         # independent computation: each response scored alone, summing log-probs of response tokens only
         for k, (ids, labels) in enumerate(flat):
             logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1].float()

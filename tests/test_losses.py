@@ -12,6 +12,7 @@ from llmtrain.losses import (
     DPO_LOSSES,
     IGNORE_INDEX,
     causal_lm_loss,
+    chosen_nll_loss,
     dpo_hinge_loss,
     dpo_ipo_loss,
     dpo_sigmoid_loss,
@@ -98,6 +99,18 @@ def test_dpo_reward_metrics_match_hand_rewards():
         assert m["chosen_logps"].item() == pytest.approx(sum(p[0] for p in PAIRS) / n)
         assert m["rejected_logps"].item() == pytest.approx(sum(p[1] for p in PAIRS) / n)
         assert all(not v.requires_grad for v in m.values())
+
+
+def test_chosen_nll_is_per_token_nll_of_the_chosen_answer():
+    # RPO's extra term: -log pi(y_w|x) / |y_w| per pair, then mean (or sum) over pairs
+    chosen_logps, lengths = [-6.0, -1.5, -9.0], [3, 1, 4]
+    hand = [6.0 / 3, 1.5 / 1, 9.0 / 4]
+    logps = torch.tensor(chosen_logps, dtype=torch.float64, requires_grad=True)
+    loss = chosen_nll_loss(logps, torch.tensor(lengths))
+    assert loss.item() == pytest.approx(sum(hand) / 3, rel=1e-12)
+    assert chosen_nll_loss(logps, torch.tensor(lengths), reduction="sum").item() == pytest.approx(sum(hand))
+    loss.backward()  # d/dlogp = -1 / (|y_w| * B): it raises the chosen log-prob, shorter answers more per token
+    assert logps.grad.tolist() == pytest.approx([-1 / 9, -1 / 3, -1 / 12])
 
 
 def test_split_chosen_rejected_takes_chosen_first():
