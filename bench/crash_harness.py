@@ -68,7 +68,8 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = args.workdir or tempfile.mkdtemp(prefix="llmtrain-crash-")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # unbuffered: a log line reaches the harness when it is written, so the kill lands where intended
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     from conftest import build_tiny
 
     model_dir = os.path.join(work, "model")
@@ -90,7 +91,7 @@ def main() -> int:
         shows that step (with save_every=1 that is while its checkpoint is being written)."""
         p = subprocess.Popen(command(path, args.ranks, port), env=env, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
-        lines, killed = [], threading.Event()
+        lines, killed, at = [], threading.Event(), []
 
         def pump():
             for line in p.stdout:
@@ -98,14 +99,15 @@ def main() -> int:
                 m = re.match(r"step (\d+)", line)
                 if kill_after_step is not None and m and int(m.group(1)) >= kill_after_step and not killed.is_set():
                     time.sleep(rng.uniform(0.0, 0.3))
+                    at.append(int(m.group(1)))
                     killed.set()
                     os.killpg(p.pid, signal.SIGKILL)
 
         threading.Thread(target=pump, daemon=True).start()
-        return p, lines, killed
+        return p, lines, killed, at
 
     ref_out, ref_path = write("reference")
-    p, lines, _ = start(ref_path, 29801)
+    p, lines, _, _ = start(ref_path, 29801)
     p.wait()
     assert p.returncode == 0, "".join(lines)[-3000:]
     max_steps = len(losses(ref_out))
@@ -119,7 +121,7 @@ def main() -> int:
         ckpts = os.path.join(out, "checkpoints")
         complete_before = {os.path.join(ckpts, d) for d in (os.listdir(ckpts) if os.path.isdir(ckpts) else [])
                            if os.path.isfile(os.path.join(ckpts, d, "COMPLETE"))}
-        p, lines, killed = start(path, 29802 + restarts % 50, target if kills < args.kills else None)
+        p, lines, killed, at = start(path, 29802 + restarts % 50, target if kills < args.kills else None)
         restarts += 1
         p.wait()
         time.sleep(0.2)
@@ -133,7 +135,7 @@ def main() -> int:
             print(f"restart {restarts}: FAILED rc={p.returncode}\n{log[-2000:]}")
         done = [int(m) for m in re.findall(r"^step (\d+) loss", log, flags=re.M)]
         step = max(done, default=int(resumed.group(2)) if resumed else step)
-        state = f"killed after step {target} was logged" if killed.is_set() else f"exit {p.returncode}"
+        state = f"killed after step {at[0]} was logged" if killed.is_set() else f"exit {p.returncode}"
         print(f"restart {restarts:>2}: resumed at step {resumed.group(2) if resumed else '-':>2}, {state}", flush=True)
         if p.returncode == 0 or restarts > 3 * args.kills:
             break
