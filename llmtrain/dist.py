@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,31 @@ def discover_env() -> str:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
     return "single"
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun or the deepspeed launcher, SIGKILL this rank when the launcher process dies.
+
+    torchrun starts each worker in a session of its own, and the deepspeed launcher kills its workers
+    only from a signal handler, so a launcher that is itself SIGKILLed (OOM killer, `kill -9`, a
+    node agent) leaves orphaned ranks that keep training and writing checkpoints into output_dir
+    while the resubmitted job starts beside them. Linux's PR_SET_PDEATHSIG ends them with the
+    launcher, as if the whole job had crashed (checkpoints are crash-safe: see checkpoint.py).
+    mpirun (orted) and srun (cgroups) already clean up their ranks. Returns whether it was set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "CROSS_RANK" not in os.environ:
+        return False  # not a child of torchrun / deepspeed.launcher.launch (e.g. RANK set by hand)
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the call above: nobody will signal us
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def _local_world_size() -> int:
@@ -249,6 +275,7 @@ def init(timeout_minutes: float = 30.0, backend: str = "auto") -> DistInfo:
     """Discover ranks, pick device/backend, meet every rank (with a timeout and a one-line error naming
     the missing ranks), initialise torch.distributed and hand it to DeepSpeed."""
     launcher = discover_env()
+    die_with_launcher()
     if torch.cuda.is_available():
         device_kind, default_backend = "cuda", "nccl"
     else:

@@ -141,3 +141,73 @@ def test_checkpoint_from_two_ranks_resumes_on_one_rank(tiny_model_dir, tmp_path)
     assert "converting to a universal checkpoint" in proc.stdout
     resumed = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def _pids_running(marker: str) -> list[int]:
+    """Live processes whose command line mentions marker (read from /proc: no psutil needed)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+                with open(f"/proc/{d}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in cmd and state != "Z":
+                pids.append(int(d))
+    return pids
+
+
+def _is_rank(pid: int) -> bool:
+    """A rank has RANK in its environment; the launchers above it do not."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return any(v.startswith(b"RANK=") for v in f.read().split(b"\0"))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_ranks_die_with_a_sigkilled_launcher(tiny_model_dir, tmp_path, launcher):
+    """kill -9 of the launcher alone (not its process group): its ranks must not live on as orphans
+    that keep training and writing checkpoints into output_dir beside a resubmitted job."""
+    import signal
+    import subprocess
+    import time
+
+    recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=100000, grad_accum=1, save_every=0)
+    path = write_recipe(tmp_path / f"orphan_{launcher}.yaml", recipe)
+    port = "29671" if launcher == "torchrun" else "29672"
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+    else:
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    cmd += [os.path.join(REPO, "launch/sft.py"), "--recipe", path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        metrics = os.path.join(recipe["output_dir"], "metrics.jsonl")
+        deadline = time.monotonic() + 180
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0) and time.monotonic() < deadline:
+            assert p.poll() is None, "the run ended before it logged a step"
+            time.sleep(0.2)
+        ranks = [pid for pid in _pids_running(path) if _is_rank(pid)]
+        assert len(ranks) == 2, f"expected 2 rank processes, found {ranks}"
+        # the deepspeed runner execs a `deepspeed.launcher.launch` child: kill every launcher, no rank
+        launchers = [pid for pid in _pids_running(path) if pid not in ranks]
+        for pid in launchers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(pid in _pids_running(path) for pid in ranks):
+            time.sleep(0.2)
+        left = [pid for pid in ranks if pid in _pids_running(path)]
+        assert not left, f"ranks {left} outlived their launcher"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _pids_running(path):
+            os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=30)
