@@ -158,3 +158,37 @@ def test_resumed_dpo_run_logs_the_uninterrupted_losses(tiny_model_dir, tmp_path)
     shutil.rmtree(os.path.join(out, "final"))
     resumed = [r["loss"] for r in run_dpo(tmp_path, recipe)]
     assert resumed == reference
+
+
+def test_make_dpo_pairs_rejects_the_models_own_greedy_mistakes(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(l) for l in open(os.path.join(REPO, "data/demo/dpo_eval.jsonl"))][:6]
+    source, out = tmp_path / "src.jsonl", tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = python_cmd("scripts/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(source),
+                     "--out", str(out), "--samples", "1")
+    proc = run_cmd(cmd, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pairs = [json.loads(l) for l in open(out)]
+    assert len(pairs) == len(rows)
+    # independent greedy decode with plain transformers: the untrained model's reply is the rejected one
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
+    checked = 0
+    for row, pair in zip(rows, pairs):
+        chosen, _ = to_pair(row)
+        assert pair["prompt"] == chosen[:-1] and pair["chosen"][0]["content"] == chosen[-1]["content"]
+        ids = tok.apply_chat_template(chosen[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)
+        greedy = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        if greedy and greedy != chosen[-1]["content"]:
+            assert pair["rejected"][0]["content"] == greedy
+            checked += 1
+        to_pair(pair)  # a valid preference row: same prompt, chosen != rejected
+    assert checked >= 3  # an untrained model gets (nearly) every answer wrong
+    # an existing output is not replaced without --overwrite
+    proc = run_cmd(cmd, timeout=120)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
