@@ -145,6 +145,39 @@ def test_bad_preference_rows_are_counted_with_file_and_line(tmp_path):
     assert "over data.max_prompt_len=32" in report.bad[0].reason
 
 
+@pytest.mark.parametrize("form", ["strings", "messages"])
+def test_preference_rows_read_the_same_from_jsonl_json_parquet_and_a_saved_dataset(tmp_path, form):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tok = build_tiny("llama")
+    rows = [json.loads(l) for l in open(DPO_TRAIN)]
+    want_str = form == "strings"
+    rows = [r for r in rows if isinstance(r["prompt"], str) == want_str][:12]
+    if form == "messages":  # UltraFeedback-style: chosen/rejected as full conversations incl. the prompt
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "p_ds"))
+
+    class Cfg:  # the two keys encode_pair reads
+        class data:
+            max_seq_len, max_prompt_len = 64, 48
+
+    # independent expectation: every row encoded directly, chosen then rejected
+    expected = [seq for r in rows for seq in encode_pair(tok, r, 64, 48)]
+    for name in ("p.jsonl", "p.json", "p.parquet", "p_ds"):
+        report = BadRowReport()
+        samples = build_preference_samples(tok, [SourceConfig(str(tmp_path / name))], Cfg, "data.train", report)
+        assert not report.bad, (name, report.summary())
+        assert len(samples) == len(rows) and samples.num_seqs == 2 * len(rows), name
+        for j, (ids, labels) in enumerate(expected):
+            got_ids, got_labels = samples.seq(j)
+            assert np.array_equal(got_ids, ids) and np.array_equal(got_labels, labels), (name, j)
+
+
 def test_resumed_dpo_run_logs_the_uninterrupted_losses(tiny_model_dir, tmp_path):
     """Interrupted after its step-2 checkpoint and resumed: same losses bitwise (the precomputed
     reference log-probs are read back from the cache, not recomputed from the trained policy)."""
