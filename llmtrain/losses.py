@@ -360,9 +360,9 @@ def dpo_ipo_loss(
     ``h = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))``
     ``L = (h - 1 / (2 * beta))^2``
 
-    The log-probs are used as passed: summed over tokens (``sequence_logps``) by default.
-    TRL feeds IPO *per-token averaged* log-probs (sum / number of target tokens), which
-    keeps h on a scale where the 1/(2 beta) target is reachable; the caller chooses.
+    The log-probs are used as passed. The DPO task feeds *per-token averaged* log-probs
+    (sum / number of target tokens), as TRL does, which keeps h on a scale where the
+    1/(2 beta) target means the same for short and long responses.
     Reduction and metrics as in ``dpo_sigmoid_loss``.
     """
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)

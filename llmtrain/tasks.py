@@ -217,7 +217,7 @@ def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -
 
 def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = False):
     """One forward over chosen and rejected together -> summed response log-probs, each (pairs,);
-    with_lengths also returns the chosen responses' target-token counts (pairs,)."""
+    with_lengths also returns the responses' target-token counts, (pairs, 2): chosen, rejected."""
     token_logps, targets = lm_forward_logps(engine, batch, chunk_tokens)
     seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
     seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
@@ -227,7 +227,7 @@ def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = 
         return pairs[:, 0], pairs[:, 1]
     ones = torch.ones_like(token_logps)
     lengths = packed_sequence_logps(ones, targets, seq_ids, batch["num_seqs"]).view(-1, 2)  # (P, 2) token counts
-    return pairs[:, 0], pairs[:, 1], lengths[:, 0]
+    return pairs[:, 0], pairs[:, 1], lengths
 
 
 class DPOTask:
@@ -293,13 +293,18 @@ class DPOTask:
 
         d = self.cfg.dpo
         ref_c, ref_r = self._ref_logps(engine, batch)
-        pol_c, pol_r, chosen_len = pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens, with_lengths=True)
+        pol_c, pol_r, lengths = pair_logps(engine, batch, self.cfg.train.loss_chunk_tokens, with_lengths=True)
+        ref_c, ref_r = ref_c.to(pol_c.dtype), ref_r.to(pol_r.dtype)
+        nll_sum = chosen_nll_loss(pol_c, lengths[:, 0], reduction="sum")
+        if d.loss == "ipo":
+            # IPO on per-token averaged log-probs, as TRL does: with summed ones h grows with the
+            # response length and the fixed target margin 1 / (2 beta) means different things per pair
+            n_c, n_r = lengths[:, 0].clamp(min=1), lengths[:, 1].clamp(min=1)
+            pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
         kwargs = {"label_smoothing": d.label_smoothing} if d.loss == "sigmoid" else {}
-        loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c.to(pol_c.dtype), ref_r.to(pol_r.dtype), d.beta,
-                                             reduction="sum", **kwargs)
+        loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c, ref_r, d.beta, reduction="sum", **kwargs)
         pairs = pol_c.shape[0]
         sums = {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
-        nll_sum = chosen_nll_loss(pol_c, chosen_len, reduction="sum")
         sums["chosen_nll"] = nll_sum.detach()
         if d.nll_weight:
             sums["preference_loss"] = loss_sum.detach()

@@ -85,6 +85,41 @@ def _pairs(tok, n=5):
     return [encode_pair(tok, r, 64, 48) for r in rows]
 
 
+def _hand_response_logp(model, ids, labels) -> tuple[float, int]:
+    """(sum of log-probs of the response tokens, their number) from a plain forward of one sequence."""
+    logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, -1)
+    tgt = torch.tensor(labels[1:], dtype=torch.long)
+    keep = tgt != IGNORE_INDEX
+    return logp[keep].gather(-1, tgt[keep, None]).sum().item(), int(keep.sum())
+
+
+def test_ipo_compares_per_token_averaged_logps():
+    """IPO's target margin 1/(2 beta) applies to per-token averaged log-probs (as TRL): checked
+    against the paper's formula on a plain forward of each response, with a made-up reference."""
+    from llmtrain.config import Config
+    from llmtrain.tasks import DPOTask
+
+    model, tok = build_tiny("qwen2")
+    model.eval()
+    pairs = _pairs(tok, n=4)
+    flat = [s for p in pairs for s in p]
+    batch = collate_sequences([flat[:4], flat[4:]], tok.pad_token_id)  # packed
+    batch["unit_ids"] = torch.arange(len(pairs))
+    task, beta = DPOTask(), 0.5
+    task.cfg = Config()
+    task.cfg.dpo.loss, task.cfg.dpo.beta = "ipo", beta
+    task.ref_table = torch.tensor([[-9.0, -11.0], [-4.0, -3.5], [-20.0, -26.0], [-7.0, -7.5]], dtype=torch.float64)
+    with torch.no_grad():
+        loss, _ = task.loss(model, batch, global_weight=len(pairs))
+        hand = []
+        for (ref_c, ref_r), (chosen, rejected) in zip(task.ref_table.tolist(), pairs):
+            (pc, nc), (pr, nr) = _hand_response_logp(model, *chosen), _hand_response_logp(model, *rejected)
+            h = (pc / nc - pr / nr) - (ref_c / nc - ref_r / nr)
+            hand.append((h - 1 / (2 * beta)) ** 2)
+    assert loss.item() == pytest.approx(sum(hand) / len(hand), rel=1e-5)
+
+
 def test_sequence_logps_ignore_prompt_and_padding_and_packed_equals_unpacked():
     model, tok = build_tiny("qwen2")
     model.eval()
@@ -94,20 +129,16 @@ def test_sequence_logps_ignore_prompt_and_padding_and_packed_equals_unpacked():
     packed = collate_sequences([flat[:4], flat[4:]], tok.pad_token_id)
     with torch.no_grad():
         c1, r1 = pair_logps(model, unpacked)
-        c2, r2, chosen_len = pair_logps(model, packed, with_lengths=True)
+        c2, r2, lengths = pair_logps(model, packed, with_lengths=True)
         torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
         # the chosen lengths (RPO's per-token normaliser) count each chosen response's target tokens
-        assert chosen_len.tolist() == [float((labels[1:] != IGNORE_INDEX).sum()) for ids, labels in flat[::2]]
+        assert lengths.tolist() == [[float((labels[1:] != IGNORE_INDEX).sum()) for _, labels in p] for p in pairs]
         # independent computation: each response scored alone, summing log-probs of response tokens only
         for k, (ids, labels) in enumerate(flat):
-            logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, -1)
-            tgt = torch.tensor(labels[1:], dtype=torch.long)
-            keep = tgt != IGNORE_INDEX
-            expected = logp[keep].gather(-1, tgt[keep, None]).sum()
+            expected, _ = _hand_response_logp(model, ids, labels)
             got = (c1 if k % 2 == 0 else r1)[k // 2]
-            assert abs(got.item() - expected.item()) < 1e-4
+            assert abs(got.item() - expected) < 1e-4
         # the response mask covers the answer and its end-of-turn token only
         ids, labels = flat[0]
         first = json.loads(open(DPO_TRAIN).readline())
