@@ -54,15 +54,11 @@ _WORDS = ("the model data train value result number answer question compute sum 
           "with on that this as by from at be are was were can will should would list write code explain").split()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every llmtrain-vs-TRL throughput bench takes (also bench/dpo_throughput.py)."""
     p.add_argument("--hidden", type=int, default=256, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads (kv heads = heads / 2)")
-    p.add_argument("--max-seq-len", type=int, default=512, help="data.max_seq_len / TRL max_length")
-    p.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step, unpacked variants")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (step 1 is warmup)")
-    p.add_argument("--samples", type=int, default=0, help="samples generated (default: enough for every variant)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default="abcd", help="subset to run, e.g. bd")
@@ -73,6 +69,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="where runs go (default: a temp dir)")
     p.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--child-args", help=argparse.SUPPRESS)
+
+
+def setup_line(args) -> str:
+    """The first line a throughput bench prints: device, threads, model size, precision, steps, lr."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = _param_count(model_config(args))
+    return (f"device={device} threads={args.threads or os.cpu_count()} model=llama hidden={args.hidden} "
+            f"layers={args.layers} heads={args.heads} params={params / 1e6:.2f}M vocab=888 precision="
+            f"{'bf16' if device == 'cuda' else 'fp32'} steps={args.steps} (timed: 2..{args.steps}) lr={args.lr}")
+
+
+def best_of_rounds(args, names: dict[str, str], run_one) -> dict[str, dict]:
+    """Run every variant args.repeats times, interleaved; keep each one's fastest run (real tokens/s).
+    run_one(key) -> {"real_tokens", "seconds", ...} or {"skipped": reason}."""
+    results: dict[str, dict] = {}
+    for rnd in range(args.repeats):
+        for key in args.variants:
+            start = time.perf_counter()
+            r = run_one(key)
+            if "skipped" in r:
+                print(f"  round {rnd + 1} ({key}) {names[key]}: skipped: {r['skipped']}", flush=True)
+                continue
+            rate = r["real_tokens"] / r["seconds"]
+            print(f"  round {rnd + 1} ({key}) {names[key]}: {rate:,.0f} real tokens/s, "
+                  f"{time.perf_counter() - start:.0f}s wall" + (f"; {r['cmd']}" if "cmd" in r else ""), flush=True)
+            best = results.get(key)
+            if best is None or rate > best["real_tokens"] / best["seconds"]:
+                results[key] = r
+    print(f"best of {args.repeats} round(s) per variant:")
+    return results
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_args(p)
+    p.add_argument("--max-seq-len", type=int, default=512, help="data.max_seq_len / TRL max_length")
+    p.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step, unpacked variants")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (step 1 is warmup)")
+    p.add_argument("--samples", type=int, default=0, help="samples generated (default: enough for every variant)")
     return p.parse_args(argv)
 
 
@@ -318,37 +355,23 @@ def main() -> None:
         for ids, labels in seqs:
             f.write(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist()}) + "\n")
     packed_rows = max(1, math.ceil(args.global_batch * lengths.mean() / args.max_seq_len))
-    cfg = model_config(args)
-    params = _param_count(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device={device} threads={args.threads or os.cpu_count()} model=llama hidden={args.hidden} "
-          f"layers={args.layers} heads={args.heads} params={params / 1e6:.2f}M vocab=888 precision="
-          f"{'bf16' if device == 'cuda' else 'fp32'} steps={args.steps} (timed: 2..{args.steps}) lr={args.lr}")
+    params = _param_count(model_config(args))
+    print(setup_line(args))
     print(f"samples={len(seqs)} lengths: lognormal(median={args.max_seq_len // 6}, sigma=1.0) clipped to "
           f"[16, {args.max_seq_len}] -> mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, "
           f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()} tokens")
     print(f"global batch: (a),(c) {args.global_batch} samples/step; (b),(d) {packed_rows} rows x "
           f"{args.max_seq_len} tokens/step; workdir {work}")
-    results: dict[str, dict] = {}
-    for rnd in range(args.repeats):
-        for key in args.variants:
-            start = time.perf_counter()
-            if key == "a":
-                r = run_llmtrain(args, False, args.global_batch, jsonl, work)
-            elif key == "b":
-                r = run_llmtrain(args, True, packed_rows, jsonl, work)
-            elif key == "c":
-                r = run_trl(args, False, args.global_batch, samples_path, work)
-            else:
-                r = run_trl(args, True, packed_rows, samples_path, work)
-            rate = r["real_tokens"] / r["seconds"]
-            print(f"  round {rnd + 1} ({key}) {VARIANTS[key]}: {rate:,.0f} real tokens/s, "
-                  f"{time.perf_counter() - start:.0f}s wall", flush=True)
-            best = results.get(key)
-            if best is None or rate > best["real_tokens"] / best["seconds"]:
-                results[key] = r
-    print(f"best of {args.repeats} round(s) per variant:")
-    _print_table(results, params, _peak_flops())
+    def run_one(key: str) -> dict:
+        if key == "a":
+            return run_llmtrain(args, False, args.global_batch, jsonl, work)
+        if key == "b":
+            return run_llmtrain(args, True, packed_rows, jsonl, work)
+        if key == "c":
+            return run_trl(args, False, args.global_batch, samples_path, work)
+        return run_trl(args, True, packed_rows, samples_path, work)
+
+    _print_table(best_of_rounds(args, VARIANTS, run_one), params, _peak_flops())
 
 
 def _param_count(cfg: dict) -> int:
