@@ -53,7 +53,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -63,7 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sft_throughput import (  # noqa: E402  (shared helpers of the SFT benchmark)
     _LLMTRAIN_WRAPPER, _WORDS, TOKENIZER, _child_env, _param_count, _peak_flops, _run_measured, add_shared_args,
-    best_of_rounds, model_config, setup_line)
+    best_of_rounds, model_config, setup_line, step_clock, write_child_result)
 
 VARIANTS = {
     "a": "llmtrain padded",
@@ -222,22 +221,6 @@ def run_trl(args, padding_free: bool, model_dir: str, jsonl: str, work: str) -> 
     return {**res, **mem, "cmd": f"DPOTrainer(DPOConfig(padding_free={padding_free}), ref_model=None)"}
 
 
-def _step_clock(trainer, cuda: bool) -> list[float]:
-    """perf_counter() at the end of every optimizer step (after a CUDA sync), appended to the returned list."""
-    import torch
-    from transformers import TrainerCallback
-
-    stamps: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize() if cuda else None
-            stamps.append(time.perf_counter())
-
-    trainer.add_callback(StepClock())
-    return stamps
-
-
 def trl_child(spec_path: str) -> None:
     """Child process: TRL DPOTrainer on the conversational rows; times steps 2..N."""
     import torch
@@ -269,9 +252,7 @@ def trl_child(spec_path: str) -> None:
     result = {"padding_free_kept": bool(getattr(trainer, "padding_free", False))}
     if spec["padding_free"] and not result["padding_free_kept"]:
         result["skipped"] = "DPOTrainer turned padding_free off (trl falls back to padding)"
-        with open(spec["out"] + ".result.json", "w") as f:
-            json.dump(result, f)
-        return
+        return write_child_result(spec["out"], False, result)
     counts = {"real": [], "computed": [], "pairs": []}
     collate = trainer.data_collator
 
@@ -283,7 +264,7 @@ def trl_child(spec_path: str) -> None:
         return batch
 
     trainer.data_collator = counting_collator
-    times = _step_clock(trainer, cuda)
+    times = step_clock(trainer, cuda)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     n = len(times)
@@ -291,11 +272,7 @@ def trl_child(spec_path: str) -> None:
     result.update({"real_tokens": real, "seconds": times[-1] - times[0], "padding": 1 - real / computed,
                    "pairs": sum(counts["pairs"][1:n]), "final_loss": losses[-1] if losses else float("nan"),
                    "steps": n})
-    with open(spec["out"] + ".result.json", "w") as f:
-        json.dump(result, f)
-    if cuda:
-        with open(os.environ["BENCH_PEAK_JSON"], "w") as f:
-            json.dump({"cuda_peak_bytes": torch.cuda.max_memory_allocated()}, f)
+    write_child_result(spec["out"], cuda, result)
 
 
 # --------------------------------------------------------------------------- main
@@ -305,7 +282,6 @@ def main() -> None:
     args = parse_args()
     if args.child:  # --child trl: this is a variant's subprocess
         return trl_child(args.child_args)
-    import torch
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-dpo-")
     os.makedirs(work, exist_ok=True)

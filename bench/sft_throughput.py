@@ -266,7 +266,7 @@ def trl_child(spec_path: str) -> None:
     """Child process: TRL SFTTrainer on the pre-tokenized samples; times steps 2..N."""
     import torch
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     with open(spec_path) as f:
@@ -303,23 +303,40 @@ def trl_child(spec_path: str) -> None:
         return batch
 
     trainer.data_collator = counting_collator
-    times = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-
-    trainer.add_callback(StepTimes())
+    times = step_clock(trainer, cuda)
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     n = len(times)
     real, computed = sum(counts["real"][1:n]), sum(counts["computed"][1:n])  # steps 2..N
-    with open(spec["out"] + ".result.json", "w") as f:
-        json.dump({"real_tokens": real, "seconds": times[-1] - times[0], "padding": 1 - real / computed,
-                   "final_loss": losses[-1] if losses else float("nan"), "steps": n}, f)
+    write_child_result(spec["out"], cuda, {"real_tokens": real, "seconds": times[-1] - times[0],
+                                           "padding": 1 - real / computed,
+                                           "final_loss": losses[-1] if losses else float("nan"), "steps": n})
+
+
+def step_clock(trainer, cuda: bool) -> list[float]:
+    """perf_counter() at the end of every optimizer step (after a CUDA sync), appended to the returned list."""
+    import torch
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(StepClock())
+    return stamps
+
+
+def write_child_result(out: str, cuda: bool, result: dict) -> None:
+    """A TRL child's figures for the parent: <out>.result.json, and the CUDA peak where there is one."""
+    with open(out + ".result.json", "w") as f:
+        json.dump(result, f)
     if cuda:
+        import torch
+
         with open(os.environ["BENCH_PEAK_JSON"], "w") as f:
             json.dump({"cuda_peak_bytes": torch.cuda.max_memory_allocated()}, f)
 
@@ -341,7 +358,6 @@ def main() -> None:
     if args.child == "trl":
         trl_child(args.child_args)
         return
-    import torch
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-sft-")
     os.makedirs(work, exist_ok=True)

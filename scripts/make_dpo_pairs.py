@@ -26,31 +26,51 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main() -> int:
     import torch
 
+    from llmtrain.data.chat import RowError
     from llmtrain.data.preference import to_pair
+    from llmtrain.data.sources import BadRow, DataError, read_rows
     from llmtrain.generate import complete, load_for_inference
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--source", required=True, help="preference JSONL; its chosen answers are the gold ones")
+    p.add_argument("--source", required=True,
+                   help="preference rows (JSONL/JSON/Parquet/saved dataset); their chosen answers are the gold ones")
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=12, help="longest answer generated")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args()
     if os.path.exists(args.out) and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
 
+    if not os.path.exists(args.source):
+        print(f"error: --source {args.source} does not exist", file=sys.stderr)
+        return 2
+    pairs = []
+    try:
+        for row in read_rows(args.source):
+            reason = row.reason if isinstance(row, BadRow) else None
+            if reason is None:
+                try:
+                    pairs.append(to_pair(row.record))
+                except RowError as e:
+                    reason = str(e)
+            if reason:  # every row must be usable: stop at the first bad one
+                print(f"error: {row.origin}: {reason}", file=sys.stderr)
+                return 2
+    except DataError as e:  # an unreadable .json/.parquet source (names the file)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     torch.manual_seed(args.seed)
-    model, tok = load_for_inference(args.model, "cpu")
-    with open(args.source) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pairs = [to_pair(r) for r in rows]
+    model, tok = load_for_inference(args.model)
     prompts = [chosen[:-1] for chosen, _ in pairs]
     gold = [chosen[-1]["content"] for chosen, _ in pairs]
-    answers = [complete(model, tok, prompts, max_new_tokens=12)]
-    answers += [complete(model, tok, prompts, max_new_tokens=12, temperature=args.temperature)
+    answers = [complete(model, tok, prompts, max_new_tokens=args.max_new_tokens)]
+    answers += [complete(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
                 for _ in range(args.samples)]
 
     on_policy = 0

@@ -256,3 +256,11 @@ def test_make_dpo_pairs_rejects_the_models_own_greedy_mistakes(tiny_model_dir, t
     # an existing output is not replaced without --overwrite
     proc = run_cmd(cmd, timeout=120)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    # a bad source row: one line naming file:line, no traceback
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
+    proc = run_cmd(python_cmd("scripts/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(bad),
+                              "--out", str(tmp_path / "bad_pairs.jsonl")), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {bad}:2: chosen equals rejected: nothing to prefer"
+    assert not (tmp_path / "bad_pairs.jsonl").exists()

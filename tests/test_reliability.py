@@ -1,6 +1,7 @@
 """Runs that survive: non-finite steps skipped together, atomic checkpoints, resume guards, no secrets on disk."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 
@@ -162,8 +163,11 @@ def _pids_running(marker: str) -> list[int]:
 
 def _is_rank(pid: int) -> bool:
     """A rank has RANK in its environment; the launchers above it do not."""
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return any(v.startswith(b"RANK=") for v in f.read().split(b"\0"))
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return any(v.startswith(b"RANK=") for v in f.read().split(b"\0"))
+    except OSError:  # gone meanwhile
+        return False
 
 
 @pytest.mark.multiproc
@@ -197,17 +201,17 @@ def test_ranks_die_with_a_sigkilled_launcher(tiny_model_dir, tmp_path, launcher)
         # the deepspeed runner execs a `deepspeed.launcher.launch` child: kill every launcher, no rank
         launchers = [pid for pid in _pids_running(path) if pid not in ranks]
         for pid in launchers:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(pid in _pids_running(path) for pid in ranks):
             time.sleep(0.2)
         left = [pid for pid in ranks if pid in _pids_running(path)]
         assert not left, f"ranks {left} outlived their launcher"
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         for pid in _pids_running(path):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         p.wait(timeout=30)
