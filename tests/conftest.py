@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -95,6 +96,13 @@ def read_metrics(output_dir: str) -> list[dict]:
 
 def train_losses(output_dir: str) -> list[float]:
     return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+
+
+def free_port() -> int:
+    """A port nobody listens on now: concurrent test runs on one machine must not share a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def have(cmd: str) -> bool:

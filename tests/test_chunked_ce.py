@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import BIN, REPO, TINY, TOKENIZER, base_recipe, build_tiny, run_cmd, train_losses, write_recipe
+from conftest import BIN, REPO, TINY, TOKENIZER, base_recipe, build_tiny, run_cmd, train_losses, write_recipe, free_port
 from llmtrain.config import ConfigError
 from llmtrain.losses import causal_lm_loss
 from llmtrain.tasks import lm_forward_logps
@@ -99,7 +99,7 @@ def test_chunked_ce_matches_unchunked_under_zero3_two_ranks(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", recipe)
     script = tmp_path / "two_runs.py"
     script.write_text(_TWO_RUNS)
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29657", str(script), path,
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), path,
            str(tmp_path / "runs")]
     proc = run_cmd(cmd, timeout=240, env={"PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, base_recipe, have, python_cmd, run_cmd, write_recipe
+from conftest import BIN, REPO, base_recipe, free_port, have, python_cmd, run_cmd, write_recipe
 from tests.cluster.slurm import ensure_slurm, read_log, sbatch_submit, slurm_env, wait_job
 
 pytestmark = pytest.mark.multiproc
@@ -28,12 +28,6 @@ TIMEOUT_S = 240  # hard limit per launch (a healthy one takes 10-30 s)
 TRAIN_SBATCH = Path(REPO) / "launch" / "slurm" / "train.sbatch"
 CPU_SBATCH = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00"]
 SFT, PREFLIGHT = os.path.join(REPO, "launch", "sft.py"), os.path.join(REPO, "launch", "preflight.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses_by_step(output_dir) -> dict[int, float]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, REPO, base_recipe, have, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
+from conftest import BIN, REPO, base_recipe, have, python_cmd, read_metrics, run_cmd, train_losses, write_recipe, free_port
 
 pytestmark = pytest.mark.multiproc
 TIMEOUT = 300
@@ -26,9 +26,9 @@ def launch(kind: str, script: str, recipe: str, *overrides: str):
     if kind == "python":
         cmd = python_cmd(script, *args)
     elif kind == "deepspeed":
-        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29611", os.path.join(REPO, script), *args]
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(REPO, script), *args]
     elif kind == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29622", os.path.join(REPO, script), *args]
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), os.path.join(REPO, script), *args]
     elif kind == "mpirun":
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x", "PATH",
                *python_cmd(script, *args)]
@@ -76,7 +76,7 @@ def test_zero3_export_equals_in_memory_model(tiny_model_dir, tmp_path):
     recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=2)
     recipe["deepspeed"]["config"] = os.path.join(REPO, "ds_configs/zero3.json")
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29633",
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "tests/scripts/zero3_export_check.py"), path]
     proc = run_cmd(cmd, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, REPO, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, write_recipe
+from conftest import BIN, REPO, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, write_recipe, free_port
 from llmtrain.config import SourceConfig
 from llmtrain.data.batching import collate_sequences
 from llmtrain.data.chat import IGNORE_INDEX, RowError
@@ -30,7 +30,7 @@ def dpo_recipe(tmp_path, model_dir, **train):
 def run_dpo(tmp_path, recipe, name="r.yaml", launcher=None):
     path = write_recipe(tmp_path / name, recipe)
     if launcher == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29644",
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                os.path.join(REPO, "launch/dpo.py"), "--recipe", path]
     else:
         cmd = python_cmd("launch/dpo.py", "--recipe", path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (BIN, REPO, TINY, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, train_losses,
+from conftest import (BIN, REPO, TINY, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, train_losses, free_port,
                       write_recipe)
 from llmtrain.config import ConfigError, load_config
 
@@ -25,7 +25,7 @@ def lora_recipe(tmp_path, model_dir, lora=None, **train):
 def run_sft(recipe, name="r.yaml", launcher=None, timeout=240):
     path = write_recipe(os.path.join(os.path.dirname(recipe["output_dir"]), name), recipe)
     if launcher == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29655",
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                os.path.join(REPO, "launch/sft.py"), "--recipe", path]
     else:
         cmd = python_cmd("launch/sft.py", "--recipe", path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, REPO, TINY, TOKENIZER, build_tiny, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
+from conftest import BIN, REPO, TINY, TOKENIZER, build_tiny, free_port, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
 from llmtrain.config import load_config
 from llmtrain.data.chat import IGNORE_INDEX
 from llmtrain.data.pretrain import PretrainData, PretrainTask, collate_windows
@@ -155,7 +155,7 @@ def test_resume_reproduces_uninterrupted_losses(prepared, tmp_path):
         return proc
 
     full = prepared.recipe["output_dir"]
-    proc = torchrun(prepared.path, 29644)
+    proc = torchrun(prepared.path, free_port())
     assert "2 rank(s)" in proc.stdout + proc.stderr
     # the interrupted run: the same output dir as it was after step 2's checkpoint
     cut = str(tmp_path / "cut")
@@ -165,7 +165,7 @@ def test_resume_reproduces_uninterrupted_losses(prepared, tmp_path):
     assert sorted(tags) == ["step_00000002", "step_00000004"]
     shutil.rmtree(os.path.join(cut, "checkpoints", "step_00000004"))
     recipe = {**prepared.recipe, "output_dir": cut}
-    proc = torchrun(write_recipe(tmp_path / "resume.yaml", recipe), 29645)
+    proc = torchrun(write_recipe(tmp_path / "resume.yaml", recipe), free_port())
     assert "resumed from" in proc.stdout + proc.stderr
     want, got = train_losses(full), train_losses(cut)
     assert len(want) == 4 and want[-1] < want[0]

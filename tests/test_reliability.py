@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import BIN, REPO, base_recipe, python_cmd, read_metrics, run_cmd, write_recipe
+from conftest import BIN, REPO, base_recipe, python_cmd, read_metrics, run_cmd, write_recipe, free_port
 from llmtrain import checkpoint
 from llmtrain.config import load_config, redact
 
@@ -25,7 +25,7 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank(tiny_model_dir, tmp_path
     recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=3, grad_accum=1, save_every=1, keep_last=5)
     recipe["deepspeed"]["config"] = os.path.join(REPO, f"ds_configs/zero{stage}.json")
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29655",
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "launch/sft.py"), "--recipe", path]
     proc = run_cmd(cmd, timeout=240, env={"LLMTRAIN_FAULT_NAN_STEP": "2", "LLMTRAIN_FAULT_RANK": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -128,7 +128,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one_rank(tiny_model_dir, tmp_path)
     recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=4, grad_accum=1, save_every=2, keep_last=5)
     recipe["deepspeed"]["config"] = os.path.join(REPO, "ds_configs/zero2.json")
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29666",
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "launch/sft.py"), "--recipe", path]
     proc = run_cmd(cmd, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -181,7 +181,7 @@ def test_ranks_die_with_a_sigkilled_launcher(tiny_model_dir, tmp_path, launcher)
 
     recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=100000, grad_accum=1, save_every=0)
     path = write_recipe(tmp_path / f"orphan_{launcher}.yaml", recipe)
-    port = "29671" if launcher == "torchrun" else "29672"
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     else:
