@@ -95,6 +95,14 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
+def _after_data(plain: str, probed: str) -> str:
+    """What follows the probed data: the common suffix of a render and the same render with one data
+    field replaced by the probe (whatever quoting the template puts around it, e.g. tojson)."""
+    n = _common_prefix_len(plain[::-1], probed[::-1])
+    n = min(n, len(plain) - _common_prefix_len(plain, probed))  # never past where the renders part
+    return plain[len(plain) - n:]
+
+
 def _rstrip_end(text: str, start: int, end: int) -> int:
     """`end` moved left over trailing whitespace (layout after the end-of-turn token), not below `start`."""
     return start + len(text[start:end].rstrip()) if end > start else start
@@ -170,8 +178,7 @@ class Locator:
         if i == 0:
             raise self._lost(i, "its prompt")
         body_end = self._data_end(self.view, i - 1)
-        probed = self.render(self._probed(self.view[:i], i - 1), add_generation_prompt=True)
-        tail = probed[probed.index(self.probe) + 1:]
+        tail = _after_data(prompt, self.render(self._probed(self.view[:i], i - 1), add_generation_prompt=True))
         matched = self.atoms.common_prefix(tail, self.F[body_end:])
         if matched < len(tail) - len(self.generation_prompt()):
             raise self._lost(i, "its prompt")
@@ -190,8 +197,8 @@ class Locator:
         body_end = self._data_end(self.view, i)
         probed_view = self._probed(self.view[: i + 1], i)
         for add_prompt in (False, True):
-            probed = self.render(probed_view, add_generation_prompt=add_prompt)
-            closing = probed[probed.index(self.probe) + 1:]
+            plain = upto if not add_prompt else self.render(self.view[: i + 1], add_generation_prompt=True)
+            closing = _after_data(plain, self.render(probed_view, add_generation_prompt=add_prompt))
             gen = self.generation_prompt() if add_prompt else ""
             if gen and closing.endswith(gen):
                 closing = closing[: -len(gen)]
@@ -215,11 +222,9 @@ class Locator:
     def _data_end(self, view: list[dict], j: int) -> int:
         """Where message j's data ends in F: F and the render with that data probed differ only there."""
         probed = self.render(self._probed(view, j))
-        k = probed.find(self.probe)
-        head, tail = probed[:k], probed[k + 1:]
-        if k < 0 or len(head) + len(tail) > len(self.F) or not (self.F.startswith(head) and self.F.endswith(tail)):
-            raise self._lost(j, "its data")
-        return len(self.F) - len(tail)
+        if self.probe not in probed:
+            raise self._lost(j, "its data")  # the template does not render that data in the conversation
+        return len(self.F) - len(_after_data(self.F, probed))
 
     def _probed(self, view: list[dict], j: int) -> list[dict]:
         """view with message j's last data field (tool-call arguments, else content, else reasoning) probed."""
