@@ -475,6 +475,31 @@ def test_inspect_data_json_matches_the_reference_mask(tmp_path):
         assert g["input_ids"] == list(ref_ids) and g["trained"] == ref_mask.tolist()
 
 
+def test_changing_train_reasoning_never_reuses_a_cached_preparation(tmp_path):
+    """The tokenization cache is keyed by the mask options: flipping data.train_reasoning re-tokenizes."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from conftest import write_recipe
+    from llmtrain.config import load_config
+    from llmtrain.tasks import SFTTask
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CONVS["reasoning"]}) for _ in range(3)) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "output_dir": str(tmp_path / "run"), "model": {"tokenizer": TOKENIZER, "config": {"model_type": "llama"}},
+        "data": {"train": [str(data)], "max_seq_len": 1024}})
+    info = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
+    trained = []
+    for flag in ("true", "false"):
+        cfg = load_config(recipe, [f"data.train_reasoning={flag}"])
+        data_ = SFTTask().build_data(cfg, tok_for("qwen3"), info, "qwen3-test")
+        trained.append(int(data_.samples.seq_targets().sum()))
+    assert trained[0] > trained[1]  # the reasoning tokens are trained only with train_reasoning=true
+    assert len(os.listdir(tmp_path / "run" / "cache")) == 2
+
+
 # --------------------------------------------------------------------------- labels and tokenization
 
 

@@ -24,6 +24,7 @@ from .chat import ChatOptions, RowError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _FOLDS_SYSTEM: dict[str, bool] = {}  # template -> it rejects a system message (learned per process)
+_HAS_MARKERS: dict[str, bool] = {}  # template -> it has {% generation %} blocks
 
 
 def _strftime_at(date: datetime.datetime, fmt: str) -> str:
@@ -61,7 +62,9 @@ class Renderer:
         self.options = options
         self.template = tokenizer.chat_template
         self.compiled = _compile_jinja_template(self.template)
-        self.has_generation_markers = bool(_GENERATION_TAG.search(self.template))
+        if self.template not in _HAS_MARKERS:
+            _HAS_MARKERS[self.template] = bool(_GENERATION_TAG.search(self.template))
+        self.has_generation_markers = _HAS_MARKERS[self.template]
         date = datetime.datetime.fromisoformat(options.template_date)
         # template variables shadow the environment's globals: this replaces strftime_now for this render
         self.kwargs = {**tokenizer.special_tokens_map, "strftime_now": partial(_strftime_at, date)}

@@ -29,7 +29,7 @@ taken in units of whole added tokens, so a partial match cannot train half a hea
 from __future__ import annotations
 
 import json
-import re
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -37,28 +37,33 @@ import numpy as np
 from .chat import IGNORE_INDEX, RowError
 
 _PROBES = ("\ue000", "\ue001", "\ue002")  # private-use characters: no template rewrites them
-_ATOMS: dict[tuple, "Atoms"] = {}
+_ATOMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (len, Atoms)
 
 
 class Atoms:
-    """A tokenizer's added tokens as indivisible units of rendered text."""
+    """A tokenizer's added tokens as indivisible units of rendered text.
+
+    Set look-ups filtered by first/last character, not one regex of alternatives: tokenizers carry up
+    to thousands of added tokens (reserved and unused ones), and a regex of 6k alternatives costs ~1 ms
+    a call, every turn of every row.
+    """
 
     def __init__(self, tokens):
-        toks = sorted({t for t in tokens if t}, key=len, reverse=True)
-        self.max_len = max(map(len, toks), default=0)
-        alternatives = "|".join(map(re.escape, toks)) or "(?!)"
-        self.any = re.compile(alternatives)
-        self.at_end = re.compile(f"(?:{alternatives})\\Z")
+        self.tokens = frozenset(t for t in tokens if t)
+        self.lengths = sorted({len(t) for t in self.tokens}, reverse=True)
+        self.max_len = max(self.lengths, default=0)
+        self.first_chars = {t[0] for t in self.tokens}
+        self.last_chars = {t[-1] for t in self.tokens}
 
     def boundary(self, text: str, pos: int) -> int:
         """`pos`, moved back to the start of an added token it would cut."""
-        if not self.max_len or pos <= 0 or pos >= len(text):
+        if self.max_len < 2 or pos <= 0 or pos >= len(text):
             return pos
-        for m in self.any.finditer(text, max(0, pos - self.max_len + 1), min(len(text), pos + self.max_len - 1)):
-            if m.start() >= pos:
-                break
-            if pos < m.end():
-                return m.start()
+        for a in range(max(0, pos - self.max_len + 1), pos):  # leftmost first, as the tokenizer matches
+            if text[a] in self.first_chars:
+                for n in self.lengths:
+                    if a + n > pos and text[a:a + n] in self.tokens:
+                        return a
         return pos
 
     def common_prefix(self, a: str, b: str) -> int:
@@ -70,14 +75,19 @@ class Atoms:
             n = cut
 
     def ends_with_token(self, text: str, start: int, end: int) -> bool:
-        return self.at_end.search(text, max(start, end - self.max_len), end) is not None
+        if end <= start or text[end - 1] not in self.last_chars:
+            return False
+        return any(end - n >= start and text[end - n:end] in self.tokens for n in self.lengths)
 
 
 def atoms_for(tokenizer) -> Atoms:
-    key = tuple(tokenizer.added_tokens_encoder)
-    if key not in _ATOMS:
-        _ATOMS[key] = Atoms(key)
-    return _ATOMS[key]
+    """Cached per tokenizer object (listing added tokens costs ~1 ms for big vocabularies), renewed
+    when tokens are added (len(tokenizer) changes)."""
+    size = len(tokenizer)
+    cached = _ATOMS.get(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = _ATOMS[tokenizer] = (size, Atoms(tokenizer.added_tokens_encoder))
+    return cached[1]
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -251,7 +261,7 @@ class Locator:
 # --------------------------------------------------------------------------- locating with markers
 
 
-def marker_spans(text: str, generation: list, n_turns: int, atoms: Atoms) -> list[tuple[int, int]]:
+def marker_spans(text: str, generation: list, n_turns: int) -> list[tuple[int, int]]:
     """{% generation %} spans merged where adjacent (Phi-3's separate EOS block), trailing layout dropped:
     exactly one per assistant turn."""
     merged: list[list[int]] = []
@@ -314,7 +324,7 @@ def assistant_spans(renderer, messages: list[dict], last_turn_only: bool = False
     turns = [i for i, m in enumerate(view) if m["role"] == "assistant"]
     wanted = turns[-1:] if last_turn_only else turns
     if generation is not None:
-        spans = dict(zip(turns, marker_spans(text, generation, len(turns), atoms)))
+        spans = dict(zip(turns, marker_spans(text, generation, len(turns))))
     else:
         locator = Locator(renderer, view, text, atoms, shift)
         spans = {i: locator.turn(i) for i in wanted}
