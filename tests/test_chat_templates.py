@@ -355,6 +355,30 @@ def test_gptoss_channels_history_ends_with_end_last_with_return():
     assert trained_texts("gptoss", *got)[-1].startswith("<|end|><|start|>assistant<|channel|>final")
 
 
+# --------------------------------------------------------------------------- row forms
+
+
+def test_reasoning_tool_calls_and_tool_turns_reach_the_template_in_every_row_form():
+    """Reasoning under any of its three names, flat or nested tool calls with JSON-string arguments,
+    ShareGPT observation/function_call turns and a JSON-string `tools` all give one conversation."""
+    from llmtrain.data.chat import row_tools
+
+    expected = ours("qwen3", CONVS["agent"], TOOLS)
+    call = {"role": "assistant", "thinking": "I should call add.",
+            "tool_calls": [{"name": "add", "arguments": json.dumps({"a": 10, "b": 7})}]}
+    final = {"role": "assistant", "content": FINAL["content"], "reasoning": "The tool returned 17."}
+    row = {"messages": [U2, call, RESULT, final], "tools": json.dumps(TOOLS)}
+    got = tokenize_chat(tok_for("qwen3"), to_messages(row), tools=row_tools(row))
+    assert got[0].tolist() == expected[0] and (got[1] != IGNORE_INDEX).astype(int).tolist() == expected[1].tolist()
+    sharegpt = {"conversations": [{"from": "human", "value": U2["content"]},
+                                  {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 10, "b": 7}})},
+                                  {"from": "observation", "value": RESULT["content"]},
+                                  {"from": "gpt", "value": FINAL["content"]}]}
+    assert [m["role"] for m in to_messages(sharegpt)] == ["user", "assistant", "tool", "assistant"]
+    assert to_messages(sharegpt)[1]["tool_calls"] == [{"type": "function", "function": {"name": "add",
+                                                                                       "arguments": {"a": 10, "b": 7}}}]
+
+
 # --------------------------------------------------------------------------- rows that cannot be masked
 
 
