@@ -7,6 +7,7 @@ message names the file, line and key and says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import os
 import types
@@ -59,6 +60,8 @@ class DataConfig:
     truncation: Literal["truncate", "drop"] = "truncate"  # what to do with a sample longer than max_seq_len
     max_bad_fraction: float = 0.001  # share of malformed rows skipped (and reported) before the run aborts
     max_prompt_len: int = 1024  # DPO: a longer prompt (tokens, template included) is skipped and counted
+    train_reasoning: bool = True  # train assistant reasoning (reasoning_content / <think>) where the template renders it
+    template_date: str = "2024-07-26"  # "today" for chat templates that print the date (Llama 3.x, gpt-oss): fixed
 
 
 @dataclass
@@ -260,6 +263,8 @@ def _check_type(key: str, value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: {key}={value!r} must be a number")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-07-26 as a date
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key}={value!r} must be a string")
         return value
@@ -372,6 +377,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.max_bad_fraction <= 1, cfg, "data.max_bad_fraction", "must be in [0, 1]")
     _require(0 <= d.eval_fraction < 1, cfg, "data.eval_fraction", "must be in [0, 1)")
     _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
+    _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
@@ -389,6 +395,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.where('model.config')}: a model built from model.config needs model.tokenizer (a tokenizer directory)")
     if ".." in os.path.normpath(cfg.output_dir).split(os.sep):
         raise ConfigError(f"{cfg.where('output_dir')}: output_dir={cfg.output_dir!r} must not climb out with '..'")
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -1,14 +1,26 @@
-"""`launch/inspect_data.py`: show what is trained before spending GPU hours on it."""
+"""`launch/inspect_data.py`: show what is trained before spending GPU hours on it.
+
+Text preview (default): decoded samples with trained tokens highlighted, the split's share of
+trained tokens and its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
+object per row of the first N rows of data.train in file order,
+  {"line": L, "input_ids": [...], "trained": [0/1, ...]}   trained[i] = 1 exactly when token i is a
+                                                           loss target (labels[i] != IGNORE, i > 0)
+  {"line": L, "bad": "reason"}                             a row that training skips
+L is the row's line in its JSONL file (for JSON arrays, Parquet and saved datasets: its 0-based
+row index, as in bad-row reports). Rows go through the same encode_row the training run uses.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import numpy as np
 
 from .config import ConfigError, load_config, sources
-from .data.chat import IGNORE_INDEX
-from .data.sources import BadRowReport, DataError
+from .data.chat import IGNORE_INDEX, RowError, chat_options
+from .data.sources import BadRow, BadRowReport, DataError
 
 
 def highlight(tokenizer, ids: np.ndarray, labels: np.ndarray, color: bool) -> str:
@@ -31,11 +43,56 @@ def highlight(tokenizer, ids: np.ndarray, labels: np.ndarray, color: bool) -> st
     return "".join(out)
 
 
+def _line(origin: str) -> int:
+    """"path:12" -> 12 (JSONL line); "path:#3" -> 3 (row index)."""
+    return int(origin.rsplit(":", 1)[1].lstrip("#"))
+
+
+def mask_records(tok, cfg, n: int):
+    """The first n rows of data.train as DESIGN.md 1.4 objects, encoded exactly as training encodes them."""
+    from .data.sft import encode_row, iter_rows
+
+    d = cfg.data
+    chat = chat_options(d)
+    for k, (row, src) in enumerate(iter_rows(sources(cfg, "data.train"), "data.train")):
+        if k >= n:
+            return
+        if isinstance(row, BadRow):
+            yield {"line": _line(row.origin), "bad": row.reason}
+            continue
+        try:
+            enc = encode_row(tok, row.record, src.format, d.max_seq_len, d.truncation, chat=chat)
+        except RowError as e:
+            yield {"line": _line(row.origin), "bad": str(e)}
+            continue
+        if enc is None:
+            yield {"line": _line(row.origin), "bad": f"longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)"}
+            continue
+        ids, labels = enc
+        trained = (labels != IGNORE_INDEX).astype(np.int8)
+        trained[:1] = 0  # nothing predicts the first token
+        yield {"line": _line(row.origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
+
+
+def write_json(tok, cfg, n: int, out_path: str) -> int:
+    """Write the preview atomically (a reader never sees half a file); returns the rows written."""
+    tmp = out_path + ".tmp"
+    rows = bad = 0
+    with open(tmp, "w") as f:
+        for rec in mask_records(tok, cfg, n):
+            f.write(json.dumps(rec) + "\n")
+            rows, bad = rows + 1, bad + ("bad" in rec)
+    os.replace(tmp, out_path)
+    print(f"--- wrote {rows} rows ({bad} bad) of data.train to {out_path}")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Preview tokenized training samples and their loss mask")
     p.add_argument("--recipe", required=True)
     p.add_argument("-n", "--num-samples", type=int, default=3)
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--json", metavar="OUT", help="write the first N rows' token ids and trained flags as JSON Lines")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
@@ -44,10 +101,16 @@ def main(argv=None) -> int:
 
         cfg = load_config(args.recipe, args.overrides)
         tok = load_tokenizer(cfg)
+        if args.json:
+            write_json(tok, cfg, args.num_samples, args.json)
+            return 0
         report = BadRowReport()
         samples = build_sft_samples(tok, sources(cfg, "data.train"), cfg.data.max_seq_len, cfg.data.truncation,
-                                    "data.train", report)
+                                    "data.train", report, chat=chat_options(cfg.data))
     except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --json OUT in a missing or read-only directory
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

@@ -22,7 +22,7 @@ from .config import Config, sources
 from .data.batching import BatchPlanner, RowStream, StepPlan, collate_sequences, eval_micro_batches
 from .data.samples import SampleSet, build_cached, cache_key
 from .data.sources import BadRowReport, expand, fingerprint
-from .data.chat import IGNORE_INDEX
+from .data.chat import IGNORE_INDEX, MASK_VERSION, chat_options
 from .losses import (causal_lm_loss, packed_sequence_logps, shift_labels, token_logps_and_sum_ce,
                      token_logps_from_logits)
 
@@ -101,7 +101,7 @@ def load_split(cfg: Config, tokenizer, tok_hash: str, key: str, build_fn) -> Sam
     srcs = sources(cfg, key)
     files = _source_files(cfg, key)
     ckey = cache_key(key, build_fn.__name__, [(s.path, s.format) for s in srcs], fingerprint(files), tok_hash,
-                     d.max_seq_len, d.max_prompt_len, d.truncation)
+                     d.max_seq_len, d.max_prompt_len, d.truncation, chat_options(d), MASK_VERSION)
     path = os.path.join(cfg.output_dir, "cache", f"{key.replace('.', '_')}-{ckey}.npz")
 
     def build() -> SampleSet:
@@ -129,7 +129,8 @@ def load_split(cfg: Config, tokenizer, tok_hash: str, key: str, build_fn) -> Sam
 def _build_sft(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> SampleSet:
     from .data.sft import build_sft_samples
 
-    return build_sft_samples(tokenizer, srcs, cfg.data.max_seq_len, cfg.data.truncation, key, report)
+    return build_sft_samples(tokenizer, srcs, cfg.data.max_seq_len, cfg.data.truncation, key, report,
+                             chat=chat_options(cfg.data))
 
 
 # config attributes of models that post-process the LM head's output (softcapping, scaling):
@@ -212,7 +213,7 @@ class SFTTask:
 def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> SampleSet:
     from .data.preference import build_preference_samples
 
-    return build_preference_samples(tokenizer, srcs, cfg, key, report)
+    return build_preference_samples(tokenizer, srcs, cfg, key, report, chat=chat_options(cfg.data))
 
 
 def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = False):

@@ -1,28 +1,33 @@
 """Chat rows -> messages -> token ids with an assistant-only label mask.
 
 Formats (auto-detected per row, or forced with a source's `format`):
-  messages  OpenAI:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-  sharegpt  ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+  messages  OpenAI:   {"messages": [{"role": "system"|"user"|"assistant"|"tool"|..., "content": str}, ...],
+                       "tools": [function schemas] (optional)}
+            assistant messages may carry `reasoning_content` (or `reasoning` / `thinking`) and
+            `tool_calls`; tool results are `tool` (or `ipython`) messages
+  sharegpt  ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt"|"observation"|"function_call", "value": str}, ...]}
   alpaca    Alpaca:   {"instruction": str, "input": str (optional), "output": str, "system": str (optional)}
 
-Masking uses the tokenizer's own chat template. Most templates carry no `{% generation %}`
-markers (which transformers' `return_assistant_tokens_mask` needs), so we find each assistant
-turn's character span by rendering prefixes of the conversation: the text added between
-render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is what the model
-must produce, end-of-turn token included. Token labels then follow from the fast tokenizer's
-character offsets. This works for any template whose renderings of prefixes are string
-prefixes of the full rendering (ChatML, Llama-3, Mistral, Gemma, ...); others fail loudly.
+Masking (chat_render.py renders, chat_spans.py locates and verifies): only assistant turns are
+trained, end-of-turn included; reasoning per `ChatOptions.train_reasoning`; tool results,
+system and user turns never. A row that cannot be masked exactly raises RowError (one counted
+bad row with its reason), whatever the template does with it.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 IGNORE_INDEX = -100
+MASK_VERSION = 2  # bump when masks change for the same rows and template: keys the tokenization cache
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "observation": "tool", "tool": "tool", "function_call": "assistant"}
+_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 class RowError(ValueError):
@@ -30,7 +35,23 @@ class RowError(ValueError):
 
 
 class TemplateError(ValueError):
-    """The chat template cannot be used for assistant-only masking: a config error."""
+    """The chat template cannot be used at all: a config error (kept for callers that catch it)."""
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How conversations are rendered and masked (DataConfig.train_reasoning / template_date)."""
+
+    train_reasoning: bool = True  # train an assistant turn's reasoning (where the template renders it)
+    template_date: str = "2024-07-26"  # the "today" that date-printing templates render (Llama 3.x, gpt-oss)
+
+
+DEFAULT_OPTIONS = ChatOptions()
+
+
+def chat_options(data_cfg) -> ChatOptions:
+    """The DataConfig keys that shape masks (also part of the tokenization cache key)."""
+    return ChatOptions(train_reasoning=data_cfg.train_reasoning, template_date=data_cfg.template_date)
 
 
 def detect_format(record: dict) -> str:
@@ -44,28 +65,18 @@ def detect_format(record: dict) -> str:
 
 
 def to_messages(record: dict, fmt: str = "auto") -> list[dict]:
-    """Any supported row form -> validated [{"role", "content"}] ending with an assistant turn."""
+    """Any supported row form -> validated messages (role, content and the optional fields kept)."""
     fmt = detect_format(record) if fmt == "auto" else fmt
     if fmt == "messages":
         raw = record.get("messages")
         if not isinstance(raw, list):
             raise RowError("'messages' must be a list")
-        messages = []
-        for m in raw:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise RowError("each message needs 'role' and 'content'")
-            messages.append({"role": m["role"], "content": m["content"]})
+        messages = [normalize_message(m, i) for i, m in enumerate(raw)]
     elif fmt == "sharegpt":
         raw = record.get("conversations")
         if not isinstance(raw, list):
             raise RowError("'conversations' must be a list")
-        messages = []
-        for m in raw:
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise RowError("each conversation turn needs 'from' and 'value'")
-            if m["from"] not in _SHAREGPT_ROLES:
-                raise RowError(f"unknown role {m['from']!r} (expected one of {', '.join(_SHAREGPT_ROLES)})")
-            messages.append({"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+        messages = [_sharegpt_message(m, i) for i, m in enumerate(raw)]
     elif fmt == "alpaca":
         instruction, extra, output = record.get("instruction"), record.get("input") or "", record.get("output")
         if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):
@@ -80,64 +91,108 @@ def to_messages(record: dict, fmt: str = "auto") -> list[dict]:
     return messages
 
 
+def row_tools(record: dict) -> Optional[list]:
+    """The row's tool (function) schemas, passed to the template as `tools`; a JSON string is parsed."""
+    tools = record.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError("'tools' is a string that is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("'tools' must be a list of function schemas (objects)")
+    return tools
+
+
+def normalize_message(m, i: int) -> dict:
+    """One OpenAI-style message -> {role, content[, reasoning_content][, tool_calls][, tool_call_id, name]}."""
+    if not isinstance(m, dict) or "role" not in m:
+        raise RowError(f"turn {i}: each message needs 'role' and 'content'")
+    role = m["role"]
+    if role not in _ROLES:
+        raise RowError(f"unknown role {role!r} in turn {i} (expected one of {', '.join(_ROLES)})")
+    content = m.get("content")
+    if isinstance(content, list):
+        raise RowError(f"turn {i} content is a list of parts (multimodal content); only text content is supported")
+    out = {"role": role, "content": content}
+    reasoning = next((m[k] for k in _REASONING_KEYS if m.get(k) is not None), None)
+    if reasoning is not None:
+        if role != "assistant" or not isinstance(reasoning, str):
+            raise RowError(f"turn {i}: reasoning must be a string on an assistant message")
+        if reasoning.strip():
+            out["reasoning_content"] = reasoning
+    if m.get("tool_calls"):
+        if role != "assistant":
+            raise RowError(f"turn {i}: only assistant messages carry tool_calls")
+        out["tool_calls"] = [_tool_call(c, i) for c in m["tool_calls"]] if isinstance(m["tool_calls"], list) else None
+        if out["tool_calls"] is None:
+            raise RowError(f"turn {i}: tool_calls must be a list")
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None and role in ("tool", "ipython"):
+            out[key] = m[key]
+    if content is None and not out.get("tool_calls"):
+        raise RowError(f"turn {i}: each message needs 'role' and 'content'")
+    return out
+
+
+def _tool_call(call, i: int) -> dict:
+    """{"function": {"name", "arguments"}} or flat {"name", "arguments"}; JSON-string arguments are parsed,
+    since transformers' chat templates expect an object."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise RowError(f"turn {i}: a tool call needs a function name")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # kept as the string it is: some templates render it verbatim
+    out = {"type": call.get("type", "function"), "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+def _sharegpt_message(m, i: int) -> dict:
+    if not isinstance(m, dict) or "from" not in m or "value" not in m:
+        raise RowError("each conversation turn needs 'from' and 'value'")
+    if m["from"] not in _SHAREGPT_ROLES:
+        raise RowError(f"unknown role {m['from']!r} (expected one of {', '.join(_SHAREGPT_ROLES)})")
+    if m["from"] != "function_call":
+        return normalize_message({"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]}, i)
+    try:  # the call itself, as JSON: {"name": ..., "arguments": ...} or a list of them
+        calls = json.loads(m["value"])
+    except (TypeError, json.JSONDecodeError):
+        raise RowError(f"turn {i}: a function_call value must be JSON {{name, arguments}}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    return normalize_message({"role": "assistant", "content": None, "tool_calls": calls}, i)
+
+
 def validate_messages(messages: list[dict]) -> None:
     if not messages:
         raise RowError("empty conversation")
     for i, m in enumerate(messages):
-        if m["role"] not in _ROLES:
-            raise RowError(f"unknown role {m['role']!r} in turn {i} (expected system, user or assistant)")
-        if not isinstance(m["content"], str):
+        if m["content"] is not None and not isinstance(m["content"], str):
             raise RowError(f"turn {i} content is not a string")
-        if m["role"] == "system" and i != 0:
-            raise RowError(f"system message in turn {i}; only the first turn may be a system prompt")
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not (m["content"] or "").strip() and not m.get("tool_calls"):
             raise RowError(f"empty assistant turn {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant turn to learn from")
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Full rendered text and the [start, end) character span of every assistant turn."""
-    full = render(tokenizer, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        after = render(tokenizer, messages[: i + 1])
-        if not (after.startswith(before) and full.startswith(after)):
-            raise TemplateError(
-                "the chat template does not render conversation prefixes as text prefixes, so assistant "
-                "turns cannot be located; set model.chat_template to a prefix-stable template (e.g. ChatML)"
-            )
-        # trailing whitespace after the end-of-turn token is layout, not something to learn
-        end = max(len(after.rstrip()), len(before) + 1)
-        spans.append((len(before), end))
-    return full, spans
-
-
-def tokenize_chat(tokenizer, messages: list[dict], last_turn_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_chat(tokenizer, messages: list[dict], last_turn_only: bool = False, *, tools: Optional[list] = None,
+                  options: ChatOptions = DEFAULT_OPTIONS) -> tuple[np.ndarray, np.ndarray]:
     """messages -> (input_ids, labels) as int32 arrays; labels = IGNORE_INDEX outside assistant turns
-    (outside the final assistant turn with `last_turn_only`, as DPO scores only the response)."""
-    text, spans = assistant_spans(tokenizer, messages)
-    if last_turn_only:
-        spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int32)
-    labels = np.full_like(ids, IGNORE_INDEX)
-    offsets = enc["offset_mapping"]
-    j = 0
-    for t, (start, end) in enumerate(offsets):
-        # a token is trained when it overlaps an assistant span (spans are sorted, tokens too)
-        while j < len(spans) and spans[j][1] <= start:
-            j += 1
-        if j < len(spans) and start < spans[j][1] and max(end, start + 1) > spans[j][0]:
-            labels[t] = ids[t]
-    return ids, labels
+    (outside the final assistant turn with `last_turn_only`, as DPO scores only the response).
+    RowError when the row cannot be rendered or masked exactly."""
+    from .chat_render import Renderer
+    from .chat_spans import assistant_spans, labels_from_spans
+
+    renderer = Renderer(tokenizer, tools, options)
+    text, spans = assistant_spans(renderer, messages, last_turn_only)
+    return labels_from_spans(tokenizer, text, spans)
 
 
 def default_chat_template() -> str:

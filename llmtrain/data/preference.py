@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chat import IGNORE_INDEX, RowError, tokenize_chat, validate_messages
+from .chat import (DEFAULT_OPTIONS, IGNORE_INDEX, ChatOptions, RowError, normalize_message, row_tools, tokenize_chat,
+                   validate_messages)
 from .sources import BadRowReport
 
 
 def _as_messages(value, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user" if field == "prompt" else "assistant", "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return [normalize_message(m, i) for i, m in enumerate(value)]  # keeps reasoning, tool calls, tool turns
     raise RowError(f"'{field}' must be a string or a list of {{role, content}} messages")
 
 
@@ -45,10 +46,10 @@ def to_pair(record: dict) -> tuple[list[dict], list[dict]]:
     for conv in (chosen, rejected):
         if conv[-1]["role"] != "assistant":
             raise RowError("chosen and rejected must end with an assistant response")
-        if not str(conv[-1]["content"]).strip():
+        if not (conv[-1]["content"] or "").strip() and not conv[-1].get("tool_calls"):
             raise RowError("empty response")
         validate_messages(conv)
-    if chosen[-1]["content"] == rejected[-1]["content"]:
+    if chosen[-1] == rejected[-1]:
         raise RowError("chosen equals rejected: nothing to prefer")
     return chosen, rejected
 
@@ -58,11 +59,13 @@ def _prompt_len(labels: np.ndarray) -> int:
     return int(trained[0]) if len(trained) else len(labels)
 
 
-def encode_pair(tokenizer, record: dict, max_seq_len: int, max_prompt_len: int):
+def encode_pair(tokenizer, record: dict, max_seq_len: int, max_prompt_len: int, *,
+                chat: ChatOptions = DEFAULT_OPTIONS):
     """-> [(chosen_ids, chosen_labels), (rejected_ids, rejected_labels)], labels on the response only."""
     out = []
+    tools = row_tools(record)
     for conv in to_pair(record):
-        ids, labels = tokenize_chat(tokenizer, conv, last_turn_only=True)
+        ids, labels = tokenize_chat(tokenizer, conv, last_turn_only=True, tools=tools, options=chat)
         n_prompt = _prompt_len(labels)
         if n_prompt > max_prompt_len:
             raise RowError(f"prompt is {n_prompt} tokens, over data.max_prompt_len={max_prompt_len}")
@@ -70,14 +73,15 @@ def encode_pair(tokenizer, record: dict, max_seq_len: int, max_prompt_len: int):
     return out
 
 
-def build_preference_samples(tokenizer, srcs, cfg, key: str, report: BadRowReport):
+def build_preference_samples(tokenizer, srcs, cfg, key: str, report: BadRowReport, chat: ChatOptions = DEFAULT_OPTIONS):
     from .samples import SampleSet
     from .sft import encoded_rows
 
     d = cfg.data
 
     def sequences():
-        encode = lambda record, _src: encode_pair(tokenizer, record, d.max_seq_len, d.max_prompt_len)  # noqa: E731
+        encode = lambda record, _src: encode_pair(tokenizer, record, d.max_seq_len, d.max_prompt_len,  # noqa: E731
+                                                  chat=chat)
         for pair in encoded_rows(srcs, key, report, encode):
             yield from pair  # chosen, then rejected: SampleSet unit = 2 consecutive sequences
 

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from ..config import SourceConfig
-from .chat import IGNORE_INDEX, RowError, to_messages, tokenize_chat
+from .chat import DEFAULT_OPTIONS, IGNORE_INDEX, ChatOptions, RowError, row_tools, to_messages, tokenize_chat
 from .sources import BadRow, BadRowReport, Row, expand, read_rows
 
 
@@ -23,9 +23,11 @@ def iter_rows(srcs: list[SourceConfig], key: str) -> Iterator[tuple[Union[Row, B
                 yield row, src
 
 
-def encode_row(tokenizer, record: dict, fmt: str, max_seq_len: int, truncation: str) -> Optional[tuple]:
-    """One chat row -> (ids, labels), None when dropped for length; RowError when malformed."""
-    ids, labels = tokenize_chat(tokenizer, to_messages(record, fmt))
+def encode_row(tokenizer, record: dict, fmt: str, max_seq_len: int, truncation: str, *,
+               chat: ChatOptions = DEFAULT_OPTIONS) -> Optional[tuple]:
+    """One chat row -> (ids, labels), None when dropped for length; RowError when malformed or when
+    its assistant turns cannot be masked exactly (the only exception a row's content can raise)."""
+    ids, labels = tokenize_chat(tokenizer, to_messages(record, fmt), tools=row_tools(record), options=chat)
     if len(ids) > max_seq_len:
         if truncation == "drop":
             return None
@@ -53,12 +55,13 @@ def encoded_rows(srcs: list[SourceConfig], key: str, report: BadRowReport, encod
 
 
 def build_sft_samples(tokenizer, srcs: list[SourceConfig], max_seq_len: int, truncation: str, key: str,
-                      report: BadRowReport):
+                      report: BadRowReport, chat: ChatOptions = DEFAULT_OPTIONS):
     """Tokenize every row; malformed rows go to `report` with their file:line."""
     from .samples import SampleSet
 
     def sequences():
-        encode = lambda record, src: encode_row(tokenizer, record, src.format, max_seq_len, truncation)  # noqa: E731
+        encode = lambda record, src: encode_row(tokenizer, record, src.format, max_seq_len, truncation,  # noqa: E731
+                                                chat=chat)
         for enc in encoded_rows(srcs, key, report, encode):
             if enc is None:
                 report.dropped_too_long += 1
