@@ -139,7 +139,12 @@ def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=Fals
 
     if implementation not in (None, "flash_attention_2"):
         raise ValueError(f"flash reference: only flash_attention_2 is stood in for, not {implementation}")
-    return flash_attn_func, flash_attn_varlen_func, None, fa_utils._pad_input, fa_utils._unpad_input
+    # opaque to torch.compile, as the CUDA kernel (a custom op) is: dynamo does not trace the loop
+    return _DENSE, _VARLEN, None, fa_utils._pad_input, fa_utils._unpad_input
+
+
+_DENSE = torch.compiler.disable(flash_attn_func)  # signatures kept (functools.wraps): transformers reads them
+_VARLEN = torch.compiler.disable(flash_attn_varlen_func)
 
 
 def _flash_attn_can_dispatch(self, flash_attn_version: int, is_init_check: bool = False) -> bool:
