@@ -187,8 +187,9 @@ def test_compiled_layers_with_a_stand_in_backend_keep_packed_loss_and_grads(monk
             model.config._attn_implementation = attn
         model.eval()
         g = np.random.default_rng(0)
-        seqs = [(ids, ids) for ids in (g.integers(3, len(tok), n).astype(np.int32) for n in (9, 4, 12, 6, 7, 3, 10))]
-        batches = [collate_sequences(rows, tok.pad_token_id) for rows in ([seqs[:2], seqs[2:3]], [seqs[3:6], seqs[6:]])]
+        seqs = [(ids, ids) for ids in (g.integers(3, len(tok), n).astype(np.int32) for n in (9, 4, 12, 6, 7, 3, 10, 5, 8))]
+        rows = ([seqs[:2], seqs[2:3]], [seqs[3:6], seqs[6:7]], [seqs[7:9], seqs[:1]])  # packed; 3 shapes, 3 max lengths
+        batches = [collate_sequences(r, tok.pad_token_id) for r in rows]
         eager = [_loss_and_grads(model, b) for b in batches]
         names = [n for n, _ in model.named_parameters()]
         cfg = Config()
@@ -196,11 +197,15 @@ def test_compiled_layers_with_a_stand_in_backend_keep_packed_loss_and_grads(monk
         compiled_model = apply_fast_paths(model, cfg, torch.device("cpu"))
         assert [n for n, _ in compiled_model.named_parameters()] == names  # in place: names DeepSpeed sees
         assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled_model))
+        graphs = []
         for batch, (loss, grads) in zip(batches, eager):
             got_loss, got_grads = _loss_and_grads(compiled_model, batch)
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
             torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
             for n in grads:  # the eager backend runs the same kernels: equal up to summation order
                 torch.testing.assert_close(got_grads[n].float(), grads[n].float(), rtol=1e-2, atol=1e-4, msg=n)
+        # shapes and max lengths that change every batch do not recompile every batch
+        assert graphs[2] == graphs[1], graphs
     finally:
         flash_reference.uninstall()
         torch._dynamo.reset()

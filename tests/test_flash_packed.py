@@ -460,14 +460,16 @@ def _assert_same_curves(flash_rows: list[dict], sdpa_rows: list[dict], keys: tup
                 assert f[key] == pytest.approx(s[key], abs=atol), (key, f, s)
 
 
-def test_flash_packed_sft_run_matches_the_sdpa_run(tiny_model_dir, tmp_path):
-    """launch/sft.py, packed rows, micro_batch_size 2: the flash_attention_2 run logs the sdpa run's losses."""
+@pytest.mark.multiproc
+def test_flash_packed_sft_run_on_two_ranks_matches_the_sdpa_run(tiny_model_dir, tmp_path):
+    """launch/sft.py, packed rows, micro_batch_size 2: flash_attention_2 on 2 ranks x accumulation 2
+    logs the losses of sdpa on 1 rank x accumulation 4 (the same global batch)."""
     runs = {}
-    for attn in ("flash_attention_2", "sdpa"):
-        recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=4, precision="bf16")
+    for attn, ranks in (("flash_attention_2", 2), ("sdpa", 1)):
+        recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=4, precision="bf16", grad_accum=4 // ranks)
         recipe["output_dir"] = str(tmp_path / attn)
         recipe["model"]["attn_implementation"] = attn
-        runs[attn] = _run(tmp_path, recipe, "launch/sft.py")
+        runs[attn] = _run(tmp_path, recipe, "launch/sft.py", ranks=ranks)
     _assert_same_curves(runs["flash_attention_2"], runs["sdpa"], ("loss",), 1.5e-3)
 
 
