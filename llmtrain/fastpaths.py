@@ -8,9 +8,14 @@ returned untouched (the CPU path every test runs).
   model.compile: true  torch.compile of every decoder layer ("regional" compilation): one compiled
                        graph reused by all layers (compile time of one layer, not of the whole
                        model), while the embedding, mask construction, LM head and loss stay eager,
-                       so packing's position_ids masks and the chunked head work unchanged.
+                       so packing's position_ids masks and the chunked head work unchanged. On
+                       flash-attn the packed-sample boundaries enter the compiled layers as kwargs
+                       (`tasks.model_inputs`); their max lengths are Python ints, which dynamo
+                       makes dynamic once they change (a recompile or two, not one per batch).
 
-flash_attention_2 is chosen in `models.choose_attention` (auto: CUDA + flash-attn installed).
+flash_attention_2 is chosen in `models.choose_attention` (auto: CUDA + flash-attn installed +
+bf16/fp16). CPU tests of every switch: tests/test_fastpaths.py (Liger and QLoRA with the CUDA
+library stood in for, compile with a stand-in backend) and tests/test_flash_packed.py.
 """
 from __future__ import annotations
 

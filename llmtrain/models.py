@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 
 import torch
@@ -51,15 +50,34 @@ def tokenizer_hash(tok) -> str:
     return h.hexdigest()[:16]
 
 
-def choose_attention(requested: str, device: torch.device) -> str:
-    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (CPU path, tested)."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
-            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install flash-attn`; use auto or sdpa")
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is installed and the weights are bf16/fp16,
+    else sdpa (the CPU path). The flash-attn kernels take only fp16/bf16 inputs: with fp32 weights
+    transformers hands them fp32 and the kernel fails on the first forward, so that choice is a
+    config error here instead.
+
+    Test hook: LLMTRAIN_FLASH_REFERENCE=1 lets an explicit flash_attention_2 run where the kernel
+    is missing (a CPU) on the pure-PyTorch kernels of `llmtrain.flash_reference`; everything else
+    on the flash path (transformers' flash wrapper, our varlen kwargs) runs for real.
+    """
+    from . import flash_reference
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "auto":
+        return "flash_attention_2" if half and flash_reference.real_kernel_available(device) else "sdpa"
+    if requested == "flash_attention_2":
+        if not flash_reference.real_kernel_available(device):
+            if not flash_reference.install_if_requested(device):
+                raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and "
+                                  "`pip install flash-attn`; use auto or sdpa")
+            from . import dist
+
+            dist.print0(f"attention: flash_attention_2 on the pure-PyTorch reference kernels "
+                        f"({flash_reference.ENV_SWITCH}=1; slow, for tests and debugging)")
+        if not half:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs train.precision=bf16 or fp16 "
+                              "(the flash-attn kernels take no fp32); use sdpa for fp32")
+    return requested
 
 
 def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: torch.device):
@@ -76,7 +94,7 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
 
     m = cfg.model
     dtype = _DTYPES[precision]
-    attn = choose_attention(m.attn_implementation, device)
+    attn = choose_attention(m.attn_implementation, device, dtype)
     stage = zero_stage(ds_config)
     quant = {}
     if cfg.lora.qlora:

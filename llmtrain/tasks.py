@@ -179,12 +179,39 @@ def lm_forward_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.
     gradients to float tolerance; backward recomputes each chunk's logits).
     """
     targets = shift_labels(batch["labels"])  # (B, T): targets[:, t] = labels[:, t + 1]
+    inputs = model_inputs(engine, batch)
     if chunk_tokens <= 0:
-        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = engine(**inputs)
         return token_logps_from_logits(out.logits, targets), targets
     with _chunked_lm_head(engine, targets, chunk_tokens):
-        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = engine(**inputs)
     return out.logits, targets  # the head returned (B, T) log-probs in place of logits
+
+
+def model_inputs(engine, batch: dict) -> dict:
+    """The model's keyword arguments for a collated batch (`collate_sequences`).
+
+    sdpa/eager/flex: input_ids and position_ids; transformers builds the block-diagonal mask of
+    packed rows from the position_ids. flash-attn (flash_attention_2/3, hub flash kernels): the
+    sample boundaries too, as varlen kwargs over the micro-batch flattened to one row; without
+    them transformers infers boundaries only when B == 1 and otherwise lets packed samples attend
+    to each other.
+
+    Syncs: at B == 1 the position-id scan used to cost four host-device syncs in every layer
+    (`_is_packed_sequence`'s bool, the nonzero in `prepare_fa_kwargs_from_position_ids`, and the
+    kernel reading its two 0-d max-length tensors as ints); precomputed on the host, with
+    max_segment_len a Python int, the layers sync not at all. One sync per forward remains in
+    transformers' mask preparation (`find_packed_sequence_indices`), as on sdpa
+    (bench/flash_syncs.py counts them).
+    """
+    from transformers.utils.generic import is_flash_attention_requested
+
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    config = getattr(getattr(engine, "module", engine), "config", None)  # a DeepSpeed engine, or a bare model
+    if config is not None and is_flash_attention_requested(config):
+        cu, longest = batch["cu_seq_lens"], batch["max_segment_len"]
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return inputs
 
 
 class SFTTask:

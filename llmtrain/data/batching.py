@@ -130,18 +130,25 @@ def eval_micro_batches(lengths: np.ndarray, packing: bool, max_len: int, micro_b
 
 
 def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of sequences -> padded tensors (right padding).
+    """Rows of sequences -> padded tensors (right padding), with the sample boundaries spelled out.
 
-    Within a row, position_ids restart at 0 for each sequence: transformers then builds a
-    block-diagonal causal mask (sdpa/eager/flex; flash-attn varlen) so sequences never see each
-    other, provided no attention_mask and no cache is passed. The first label of each sequence
-    is masked: nothing before it in the row belongs to its sample. Padding continues the last
-    sequence's positions; causal attention means real tokens never look at it, so unpacked
-    batches need no attention_mask either (and keep sdpa's fast causal path).
+    Within a row, position_ids restart at 0 for each sequence: on sdpa/eager/flex transformers
+    builds a block-diagonal causal mask from them, provided no attention_mask and no cache is
+    passed. flash-attn gets the boundaries explicitly instead (`cu_seq_lens`, `max_segment_len`,
+    passed by `tasks.lm_forward_logps`): transformers infers them from position_ids only for a
+    batch of one row and otherwise runs plain causal attention over each whole row, letting packed
+    samples see each other. The first label of each sequence is masked: nothing before it in the
+    row belongs to its sample. Padding continues the last sequence's positions; causal attention
+    means real tokens never look at it, so unpacked batches need no attention_mask either (and
+    keep sdpa's fast causal path).
 
-    Returns input_ids, labels, position_ids (B, L) and seq_index (B, L): the sequence number
-    (in the order given) of every position, -1 on padding — used to sum per-sequence log-probs —
-    and num_seqs, the number of sequences (an int).
+    Returns input_ids, labels, position_ids (B, L); seq_index (B, L): the sequence number (in the
+    order given) of every position, -1 on padding, used to sum per-sequence log-probs; num_seqs,
+    the number of sequences (an int); and the varlen boundaries over the micro-batch flattened to
+    one row of B*L tokens: cu_seq_lens (S+1,) int32, the start of every segment and the token
+    count, where segments are the sequences in order and each row's padding tail as a segment of
+    its own (so padding never joins a sample, and every token is in a segment as flash-attn
+    requires), and max_segment_len, the longest segment (an int).
     """
     width = max((sum(len(i) for i, _ in row) for row in seqs), default=1) or 1
     B = max(1, len(seqs))
@@ -149,20 +156,25 @@ def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: i
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
     seq_index = torch.full((B, width), -1, dtype=torch.long)
+    segment_lens: list[int] = []
     k = 0
-    for b, row in enumerate(seqs):
+    for b in range(B):
         pos = 0
-        for ids, lab in row:
+        for ids, lab in seqs[b] if b < len(seqs) else []:
             n = len(ids)
             input_ids[b, pos: pos + n] = torch.from_numpy(ids.astype(np.int64))
             labels[b, pos: pos + n] = torch.from_numpy(lab.astype(np.int64))
             labels[b, pos] = IGNORE_INDEX
             position_ids[b, pos: pos + n] = torch.arange(n)
             seq_index[b, pos: pos + n] = k
+            segment_lens.append(n)
             pos += n
             k += 1
         if pos < width:
             last = int(position_ids[b, pos - 1]) + 1 if pos else 0
             position_ids[b, pos:] = torch.arange(last, last + width - pos)
+            segment_lens.append(width - pos)
+    cu_seq_lens = torch.tensor(np.concatenate([[0], np.cumsum(segment_lens)]), dtype=torch.int32)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_index": seq_index,
-            "num_seqs": k}  # a Python int: reading it must not sync the device
+            # Python ints: reading them must not sync the device
+            "num_seqs": k, "cu_seq_lens": cu_seq_lens, "max_segment_len": max(segment_lens)}
