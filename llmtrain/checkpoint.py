@@ -270,7 +270,7 @@ def save(engine, cfg: Config, trainer_state: dict) -> str:
     if not failed:  # every rank's files are on disk: rank 0 may say so
         failed = dist.broadcast_object(_commit(root, tag, path) if dist.is_main() else None)
     if failed:
-        _abandon(cfg, root, path, failed)
+        _abandon(root, path, failed)
     if dist.is_main():
         prune(root, cfg.train.keep_last)
     dist.barrier()
@@ -289,13 +289,14 @@ def _commit(root: str, tag: str, path: str) -> list:
     return []
 
 
-def _abandon(cfg: Config, root: str, path: str, failed: list) -> None:
-    """Every rank: rank 0 removes the partial checkpoint while the others poll (waiting.one_rank_does);
-    then all raise the same one-line StorageError."""
+def _abandon(root: str, path: str, failed: list) -> None:
+    """Every rank: rank 0 removes the partial checkpoint, then all raise the same one-line StorageError.
+    A plain barrier here, not waiting.one_rank_does: removing a directory is bounded (far below
+    dist.timeout_minutes) and a marker file could not be written on a disk that is still full."""
     free_at_failure = free_bytes(root)
-    waiting.one_rank_does(lambda: shutil.rmtree(path, ignore_errors=True), name="abandon",
-                          what=f"remove the partial checkpoint {path}", marker_dir=cfg.output_dir,
-                          timeout_minutes=cfg.dist.wait_minutes)
+    if dist.is_main():
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
     rank, where, why = failed[0]
     others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
     raise StorageError(

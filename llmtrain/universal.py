@@ -4,7 +4,7 @@ ZeRO partitions the optimizer state (ZeRO-3 also the parameters) by rank, so a c
 by N ranks cannot be loaded by M != N ranks as it is. DeepSpeed's converter
 (deepspeed.checkpoint.ds_to_universal) rewrites it as one file per parameter and state:
 checkpoints/<tag>_universal/zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt, which any number of
-ranks can load (`checkpoint.load_universal` in the DeepSpeed config).
+ranks can load (`"checkpoint": {"load_universal": true}` in the DeepSpeed config, set by the runner).
 
 Cost: the converter reads every shard and writes a full fp32 copy of the trainable weights and
 both Adam moments (12 bytes per trainable parameter, e.g. ~84 GB for a 7B full fine-tune) on
@@ -81,8 +81,8 @@ def prepare(cfg: Config, source: str) -> str:
     root = checkpoint.ckpt_root(cfg)
     out = universal_dir(root, source)
     what = f"convert {source} to a universal checkpoint"
-    waiting.one_rank_does(lambda: _convert_once(source, out), name="universal", what=what, marker_dir=root,
-                          timeout_minutes=cfg.dist.wait_minutes)
+    waiting.one_rank_does(lambda: _convert_once(source, out), name="universal", what=what,
+                          marker_dir=cfg.output_dir, timeout_minutes=cfg.dist.wait_minutes)
     return out
 
 
