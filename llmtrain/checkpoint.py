@@ -362,7 +362,7 @@ def load(engine, path: str, seed: int) -> dict:
     Every torch.load on the way is weights-only (ckpt_engine.py lists DeepSpeed's loads per path)."""
     ckpt_engine.install(engine)
     root, tag = os.path.split(os.path.normpath(path))
-    with ckpt_engine.weights_only_loads():
+    with ckpt_engine.weights_only_loads(f"a file under {path}"):
         # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
         load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                               load_module_strict=not is_lora(engine))

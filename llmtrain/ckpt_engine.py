@@ -51,7 +51,7 @@ def refusal(path: str, e: BaseException) -> ConfigError:
 
 
 @contextlib.contextmanager
-def weights_only_loads():
+def weights_only_loads(where: str = "a checkpoint file"):
     """Every torch.load inside runs with weights_only=True, whatever its caller asked for (torch's own
     switch, read per call). Process-wide while it lasts: used around a resume, before training
     threads start."""
@@ -61,7 +61,7 @@ def weights_only_loads():
     try:
         yield
     except pickle.UnpicklingError as e:
-        raise refusal("a file of the checkpoint", e) from None
+        raise refusal(where, e) from None
     finally:
         if before is None:
             os.environ.pop(FORCE_ENV, None)
