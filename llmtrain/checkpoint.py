@@ -1,30 +1,48 @@
-"""Checkpoints (save, find, resume, retention) and the Hugging Face export of final/.
+"""Checkpoints (save, find, resume, retention, full-disk handling) and the Hugging Face export of final/.
 
 Layout under output_dir/checkpoints/:
   step_00000100/            DeepSpeed's files (model, optimizer, LR scheduler, per rank)
-                trainer_state.json   step, tokens seen, data position, identity of data/tokenizer/batch
+                trainer_state.json   step, tokens seen, data position, identity of data/tokenizer/batch,
+                                     run_id (the run that wrote it) and save_id (this save)
                 rng/rank_<r>.pt      python, numpy, torch CPU (and CUDA) generators of rank r
                 COMPLETE             written last, by rank 0, after every rank finished writing
+                                     (JSON: the checkpoint's size in bytes)
+  step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a run
+                            resumes it at another world size (universal.py); pruned with it
   latest                    tag of the newest complete checkpoint (replaced atomically)
 A checkpoint without COMPLETE never counts: a run killed mid-save resumes from the one before.
+A save that fails on any rank (a full disk) is agreed by every rank, its partial directory is
+removed and the run ends with one line (StorageError, exit status 5); `latest` keeps pointing at
+the last complete checkpoint. Before each save, every rank checks that its filesystem has at least
+the previous checkpoint's size free, and the run stops before writing anything if not.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import uuid
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import dist
+from . import ckpt_engine, dist, waiting
 from .config import Config, ConfigError
 
 COMPLETE = "COMPLETE"
+RUN_ID = "run_id"  # output_dir/run_id: identity of the run that owns output_dir
 _TAG = re.compile(r"^step_(\d+)$")
+_UNIVERSAL = re.compile(r"^(step_\d+)_universal$")
+
+
+class StorageError(RuntimeError):
+    """A checkpoint, universal copy or final/ could not be written (disk full, I/O error): one line, exit 5."""
+
+    exit_code = 5
 
 
 def tag_for(step: int) -> str:
@@ -51,13 +69,113 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- run identity
+
+
+def write_run_id(output_dir: str, fresh: bool) -> str:
+    """Rank 0: a new identity for a fresh run, the existing one when resuming."""
+    path = os.path.join(output_dir, RUN_ID)
+    if not fresh and os.path.isfile(path):
+        return read_run_id(output_dir)
+    run_id = uuid.uuid4().hex
+    write_atomic(path, run_id + "\n")
+    return run_id
+
+
+def read_run_id(output_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(output_dir, RUN_ID)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- disk space
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def free_text(path: str) -> str:
+    return f"{mib(free_bytes(path))} free on its filesystem"
+
+
+def checkpoint_bytes(path: str) -> int:
+    """Size recorded in COMPLETE at save time (one small read), else measured."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            return int(json.load(f)["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return dir_bytes(path)
+
+
+def _last_complete_text(root: str) -> str:
+    complete = complete_checkpoints(root)
+    return f"last complete checkpoint: {complete[-1][1]} (`latest` points at it)" if complete else \
+        "no complete checkpoint yet"
+
+
+def check_free_space(root: str, tag: str) -> None:
+    """Every rank: fail (all together, before writing) when its filesystem has less free space than the
+    previous checkpoint took. Failing early rather than warning: checkpoints of a run all have the same
+    size, so the write would fail after minutes of I/O; stopping now writes nothing, removes nothing and
+    the message says how much to free. One all_gather per save (a few bytes per rank)."""
+    complete = complete_checkpoints(root)
+    need = checkpoint_bytes(complete[-1][1]) if complete else 0
+    mine = (dist.rank(), dist.host_name(), free_bytes(root), need)
+    short = [x for x in dist.all_gather_object(mine) if x[2] < x[3]]
+    if short:
+        r, host, free, need = short[0]
+        raise StorageError(
+            f"checkpoint {os.path.join(root, tag)} not written: {mib(free)} free on the filesystem of rank {r} "
+            f"(host {host}), the previous checkpoint took {mib(need)}; {_last_complete_text(root)}; free space "
+            "(or lower train.keep_last) and resume with train.resume=auto")
+
+
+def fault_fill_disk(where: str, path: str) -> None:
+    """Test hook: LLMTRAIN_FAULT_FILL_DISK=step_N|final (on LLMTRAIN_FAULT_RANK, default 0) fills the
+    filesystem of `path` to 64 KiB, as another job on a shared disk would, before that write starts."""
+    if os.environ.get("LLMTRAIN_FAULT_FILL_DISK") != where or dist.rank() != int(os.environ.get("LLMTRAIN_FAULT_RANK", "0")):
+        return
+    ballast = os.path.join(os.path.dirname(os.path.abspath(path)), ".fault_ballast")
+    with open(ballast, "ab") as f:
+        size = free_bytes(ballast) - 64 * 1024
+        if size > 0:
+            os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, size)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -83,44 +201,126 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --------------------------------------------------------------------------- save / load
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of a rank that has no saved generators (a resume on more ranks): fixed by (train.seed, step, rank)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:4], "little")
+
+
+def restore_rng(path: str, seed: int, step: int, saved_world: int) -> None:
+    """Rank r continues its saved generators when the checkpoint has them (r < saved world size);
+    a rank beyond the saved world starts from derived_seed(train.seed, step, r)."""
+    rank = dist.rank()
+    rng_file = os.path.join(path, "rng", f"rank_{rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        s = derived_seed(seed, step, rank)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+    world = dist.world_size()
+    if world != saved_world:
+        kept = min(world, saved_world)
+        verb = "continues its" if kept == 1 else "continue their"
+        text = f"resume: {saved_world} -> {world} ranks: {_ranks(0, kept - 1)} {verb} saved RNG streams"
+        if world > kept:
+            verb = "starts" if world - kept == 1 else "start"
+            text += f", {_ranks(kept, world - 1)} {verb} from seeds derived from (train.seed, step, rank)"
+        dist.print0(text + "; data order is exact, dropout masks differ from an uninterrupted run")
+
+
+def _ranks(first: int, last: int) -> str:
+    return f"rank {first}" if first == last else f"ranks {first}-{last}"
+
+
+# --------------------------------------------------------------------------- save / prune
 
 
 def save(engine, cfg: Config, trainer_state: dict) -> str:
-    """Every rank writes its part; rank 0 marks the checkpoint complete after a barrier."""
+    """Every rank writes its part; rank 0 marks the checkpoint complete once every rank's write succeeded.
+
+    Sync points: one all_gather for the space check, DeepSpeed's own barriers, one all_gather of the
+    write outcome, one broadcast of rank 0's commit. A failed write anywhere ends every rank with the
+    same StorageError after rank 0 removed the partial directory (no rank is left in a barrier)."""
     root = ckpt_root(cfg)
     tag = tag_for(trainer_state["step"])
     path = os.path.join(root, tag)
-    if dist.is_main() and os.path.isdir(path):
-        shutil.rmtree(path)  # an incomplete leftover of a killed run (a complete one would have been resumed)
+    check_free_space(root, tag)
+    if dist.is_main():
+        # an incomplete leftover of a killed run, or a save under this tag by an earlier attempt: its
+        # universal copy describes the old save, so it goes too
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path + "_universal", ignore_errors=True)
     dist.barrier()
+    fault_fill_disk(tag, path)
+    writer = ckpt_engine.install(engine)
     # LoRA: the frozen base is not saved (it is model.name_or_path): only adapter + optimizer state
-    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=_is_lora(engine))
-    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(path, "rng", f"rank_{engine.global_rank}.pt"))
+    engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=is_lora(engine))
+    errors = writer.errors
+    if not errors:
+        try:
+            os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+            torch.save(rng_state(), os.path.join(path, "rng", f"rank_{dist.rank()}.pt"))
+            if dist.is_main():
+                state = {**trainer_state, "run_id": read_run_id(cfg.output_dir), "save_id": uuid.uuid4().hex}
+                write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(state, indent=1))
+        except (OSError, RuntimeError) as e:
+            errors = [(path, waiting.one_line(e))]
+    failed = [(r, p, why) for r, errs in enumerate(dist.all_gather_object(errors)) for p, why in errs[:1]]
+    if not failed:  # every rank's files are on disk: rank 0 may say so
+        failed = dist.broadcast_object(_commit(root, tag, path) if dist.is_main() else None)
+    if failed:
+        _abandon(root, path, failed)
     if dist.is_main():
-        _write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(trainer_state, indent=1))
-    dist.barrier()  # every rank's files are on disk before the marker says so
-    if dist.is_main():
-        _write_atomic(os.path.join(path, COMPLETE), "")
-        _write_atomic(os.path.join(root, "latest"), tag)
         prune(root, cfg.train.keep_last)
     dist.barrier()
     return path
 
 
+def _commit(root: str, tag: str, path: str) -> list:
+    """Rank 0: COMPLETE (with the size, read by the next save's space check), then `latest`."""
+    try:
+        write_atomic(os.path.join(path, COMPLETE), json.dumps({"bytes": dir_bytes(path)}))
+        write_atomic(os.path.join(root, "latest"), tag)
+    except OSError as e:
+        if os.path.exists(os.path.join(path, COMPLETE)):
+            os.remove(os.path.join(path, COMPLETE))  # `latest` must name the newest complete checkpoint
+        return [(0, path, waiting.one_line(e))]
+    return []
+
+
+def _abandon(root: str, path: str, failed: list) -> None:
+    """Every rank: rank 0 removes the partial checkpoint, then all raise the same one-line StorageError.
+    A plain barrier here, not waiting.one_rank_does: removing a directory is bounded (far below
+    dist.timeout_minutes) and a marker file could not be written on a disk that is still full."""
+    free_at_failure = free_bytes(root)
+    if dist.is_main():
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    rank, where, why = failed[0]
+    others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise StorageError(
+        f"checkpoint {path} could not be written: rank {rank}{others}: {why} ({os.path.basename(where)}); "
+        f"{mib(free_at_failure)} free on its filesystem when the write failed, {mib(free_bytes(root))} after "
+        f"removing the partial checkpoint; {_last_complete_text(root)}; free space and resume with train.resume=auto")
+
+
 def prune(root: str, keep_last: int) -> None:
-    """Delete old checkpoints beyond keep_last, and incomplete ones older than the newest complete.
-    Runs on rank 0; a failed delete is a warning, never the end of the run."""
+    """Delete old checkpoints beyond keep_last (with their universal copies), incomplete ones older than
+    the newest complete, and universal copies whose checkpoint is gone. Runs on rank 0; a failed delete
+    is a warning, never the end of the run."""
     complete = complete_checkpoints(root)
     if not complete:
         return
     newest_step = complete[-1][0]
     doomed = [p for _, p in complete[:-keep_last]] if keep_last < len(complete) else []
+    kept = {os.path.basename(p) for _, p in complete} - {os.path.basename(p) for p in doomed}
     for name in os.listdir(root):
-        m = _TAG.match(name)
+        m, u = _TAG.match(name), _UNIVERSAL.match(name)
         p = os.path.join(root, name)
         if m and int(m.group(1)) < newest_step and not is_complete(p):
+            doomed.append(p)
+        elif u and u.group(1) not in kept:  # a full fp32 copy: it goes with its checkpoint
             doomed.append(p)
     for p in doomed:
         try:
@@ -154,113 +354,26 @@ def saved_state(path: str) -> dict:
         return json.load(f)
 
 
-def universal_dir(path: str) -> str:
-    return os.path.normpath(path) + "_universal"  # not a step_N name: never picked by resume=auto
+# --------------------------------------------------------------------------- load
 
 
-def convert_to_universal(path: str) -> str:
-    """A checkpoint written by N ranks -> DeepSpeed's universal format, loadable by any number of
-    ranks (ZeRO 1-3 partition the optimizer state by rank). Rank 0 converts once; others wait."""
-    out = universal_dir(path)
-    if dist.is_main() and not os.path.isfile(os.path.join(out, COMPLETE)):
-        import subprocess
-        import sys
-
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-               "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--inject_missing_state"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ConfigError(f"train.resume: converting {path} to a universal checkpoint failed: "
-                              f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        for name in ("trainer_state.json",):
-            shutil.copy2(os.path.join(path, name), os.path.join(out, name))
-        _write_atomic(os.path.join(out, COMPLETE), "")
-    dist.barrier()
-    return out
-
-
-def _weights_only_engine():
-    """DeepSpeed's checkpoint engine, but loading with torch.load(weights_only=True): a checkpoint
-    path can come from anywhere (train.resume), and unpickling it must not run code. Only the few
-    plain DeepSpeed classes its states hold are allowed besides tensors and containers."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # pickle.UnpicklingError names the object it refused
-                raise ConfigError(f"train.resume: {path} holds objects outside the safe list "
-                                  f"({str(e).strip().splitlines()[0][:200]}); refusing to unpickle it") from None
-
-    return WeightsOnlyCheckpointEngine()
-
-
-def load(engine, path: str) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; return trainer_state."""
-    engine.checkpoint_engine = _weights_only_engine()
+def load(engine, path: str, seed: int) -> dict:
+    """Restore model, optimizer, scheduler and RNG (restore_rng's rule); return trainer_state.
+    Every torch.load on the way is weights-only (ckpt_engine.py lists DeepSpeed's loads per path)."""
+    ckpt_engine.install(engine)
     root, tag = os.path.split(os.path.normpath(path))
-    # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                                          load_module_strict=not _is_lora(engine))
+    with ckpt_engine.weights_only_loads(f"a file under {path}"):
+        # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
+        load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                              load_module_strict=not is_lora(engine))
     if load_path is None:
         raise ConfigError(f"train.resume: DeepSpeed could not load {path}")
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    rng_file = os.path.join(path, "rng", f"rank_{engine.global_rank}.pt")
-    if os.path.exists(rng_file):  # absent when the world size changed: data order stays exact, dropout does not
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    state = saved_state(path)
+    restore_rng(path, seed, state["step"], state.get("world_size", dist.world_size()))
     return state
 
 
-# --------------------------------------------------------------------------- export
-
-
-def _is_lora(engine) -> bool:
+def is_lora(engine) -> bool:
     from .lora import is_peft
 
     return is_peft(engine.module)
-
-
-def export_hf(engine, tokenizer, out_dir: str, stage: int) -> None:
-    """Write a Hugging Face model directory (safetensors + tokenizer), replacing out_dir atomically.
-
-    Under ZeRO-3 the shards are gathered one parameter group at a time into a 16-bit (or
-    training-dtype) state dict on rank 0: a collective, so every rank must call this.
-    LoRA runs write the adapter in PEFT format (only trainable tensors are gathered), and with
-    lora.merge also out_dir/merged/: the base from model.name_or_path with the adapter merged in.
-    """
-    lora = _is_lora(engine)
-    if stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
-    else:
-        state_dict = engine.module.state_dict() if dist.is_main() else None
-    if dist.is_main():
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = engine.module
-        model.config.use_cache = True  # inference default for whoever loads it
-        model.save_pretrained(tmp, state_dict=state_dict)
-        model.config.use_cache = False
-        tokenizer.save_pretrained(tmp)
-        export = getattr(model, "llmtrain_export", {}) if lora else {}
-        if export.get("merge"):
-            from .lora import merge_into_base
-
-            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"])
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    dist.barrier()

@@ -87,6 +87,9 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics rows (each log step syncs the device once)
     resume: str = "auto"  # auto | never | path of a checkpoint directory
     resume_force: bool = False  # resume even if data, tokenizer or global batch changed (no longer exact)
+    # convert a checkpoint of another run (outside output_dir/checkpoints, or another run identity) to the
+    # universal format when resuming it at another world size under ZeRO 1-3
+    resume_allow_foreign: bool = False
     loss_chunk_tokens: int = 0  # tokens per chunk for the LM head + cross-entropy (0 = unchunked)
     max_skipped_steps: int = 10  # consecutive non-finite steps skipped before the run aborts
     requeue_on_signal: bool = False  # under Slurm: after a SIGUSR1/SIGTERM checkpoint, `scontrol requeue` the job
@@ -114,6 +117,9 @@ class LoggingConfig:
 @dataclass
 class DistConfig:
     timeout_minutes: float = 30.0  # collective-operation timeout: a missing rank fails instead of hanging
+    # how long ranks wait for one rank's file work outside any collective (universal-checkpoint conversion,
+    # final/ export and LoRA merge) before failing with one line; hours: these scale with the model size
+    wait_minutes: float = 240.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 
@@ -379,6 +385,7 @@ def validate(cfg: Config) -> None:
     _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
     _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
+    _require(cfg.dist.wait_minutes > 0, cfg, "dist.wait_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
     _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")

@@ -104,7 +104,7 @@ def apply_lora(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> torch
         # checkpointed blocks see frozen embeddings: without an input that requires grad,
         # recomputation would drop the adapter gradients
         model.enable_input_require_grads()
-    # read by checkpoint.export_hf, which sees only the engine
+    # read by export.export_hf, which sees only the engine
     model.llmtrain_export = {"merge": lo.merge, "dtype": dtype}
     trainable, total = count_parameters(model)
     dist.print0(f"lora: r={lo.r} alpha={lo.alpha:g}{' DoRA' if lo.use_dora else ''}{' on a 4-bit base' if lo.qlora else ''}: "

@@ -1,7 +1,8 @@
 """Wire a run together: config -> dist -> tokenizer -> data -> model -> engine -> resume -> loop -> export.
 
 `main(task_name)` is what launch/<task>.py calls. User mistakes (ConfigError, DataError)
-end as one line on stderr and exit status 2, with no traceback.
+end as one line on stderr and exit status 2, with no traceback; a checkpoint or final/ that
+cannot be written (full disk) as one line and exit status 5.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, dist, fastpaths, plots, preflight
+from . import checkpoint, dist, export, fastpaths, plots, preflight, universal
 from .config import Config, ConfigError, load_config, save_resolved
 from .data.sources import DataError
 from .loop import NonFiniteError, RunState, train_loop
 from .signals import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
+from .waiting import OtherRankFailed
 
 
 def parse_args(argv: Optional[list[str]], description: str) -> tuple[Optional[str], list[str]]:
@@ -116,6 +118,7 @@ def setup(cfg: Config, task) -> Run:
                 shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        checkpoint.write_run_id(cfg.output_dir, fresh=resume_path is None)  # checkpoints carry it (universal.py)
     dist.barrier()
 
     tokenizer = load_tokenizer(cfg)
@@ -128,8 +131,8 @@ def setup(cfg: Config, task) -> Run:
         if saved_world != info.world_size:
             # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
             dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
-                        "converting to a universal checkpoint")
-            resume_path = checkpoint.convert_to_universal(resume_path)
+                        "loading it through a universal checkpoint")
+            resume_path = universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
             ds_config["checkpoint"] = {"load_universal": True}
     model = load_model(cfg, tokenizer, ds_config, precision, info.device)
     model = fastpaths.apply_fast_paths(model, cfg, info.device)  # model.liger / model.compile (explicit switches)
@@ -148,7 +151,7 @@ def setup(cfg: Config, task) -> Run:
     if hasattr(task, "prepare"):
         task.prepare(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
-        saved = checkpoint.load(engine, resume_path)
+        saved = checkpoint.load(engine, resume_path, cfg.train.seed)
         check_resume_identity(cfg, saved, run.trainer_state())
         data.load_state_dict(saved["data"])
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
@@ -162,11 +165,13 @@ def setup(cfg: Config, task) -> Run:
 def run_task(cfg: Config, task) -> Run:
     run = setup(cfg, task)
     try:
-        if run.state.step >= cfg.train.max_steps and os.path.isdir(os.path.join(cfg.output_dir, "final")):
+        final = os.path.join(cfg.output_dir, "final")
+        # final/ of this very step (a failed export keeps the older final/: export again then)
+        if run.state.step >= cfg.train.max_steps and export.exported_step(final) == run.state.step:
             dist.print0(f"{cfg.output_dir}: already trained to train.max_steps={cfg.train.max_steps}; nothing to do")
             return run
         train_loop(run)
-        checkpoint.export_hf(run.engine, run.tokenizer, os.path.join(cfg.output_dir, "final"), run.stage)
+        export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step)
         plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png; a failure only warns
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:
@@ -175,7 +180,7 @@ def run_task(cfg: Config, task) -> Run:
 
 
 def main(task_name: str, argv: Optional[list[str]] = None) -> int:
-    """Run a task; return the exit status (0 done, 2 user error, 3 preempted, 4 non-finite)."""
+    """Run a task; return the exit status (0 done, 2 user error, 3 preempted, 4 non-finite, 5 storage)."""
     from .tasks import TASKS
 
     try:
@@ -192,8 +197,10 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
         if dist.is_main():
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 4
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, checkpoint.StorageError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        code = getattr(e, "exit_code", 2)
+    except OtherRankFailed as e:  # rank 0 printed its line; this rank ends with the same status
+        code = e.exit_code
     return dist.finish(code)

@@ -214,7 +214,8 @@ def test_lora_dpo_reference_is_the_adapter_disabled_policy(tiny_model_dir, tmp_p
 @pytest.mark.multiproc
 def test_zero3_two_ranks_match_one_rank_with_accumulation(lora_run, tiny_model_dir, tmp_path):
     ref, _ = lora_run
-    recipe = lora_recipe(tmp_path, tiny_model_dir, grad_accum=2)  # 2 ranks x 2 x 2 = global batch 8
+    # 2 ranks x 2 x 2 = global batch 8; rank 0 merges at the end while rank 1 polls for its marker
+    recipe = lora_recipe(tmp_path, tiny_model_dir, lora={"merge": True}, grad_accum=2)
     recipe["deepspeed"]["config"] = os.path.join(REPO, "ds_configs/zero3.json")
     proc = run_sft(recipe, launcher="torchrun", timeout=300)
     assert "2 rank(s)" in proc.stdout and "ZeRO-3" in proc.stdout
@@ -223,6 +224,11 @@ def test_zero3_two_ranks_match_one_rank_with_accumulation(lora_run, tiny_model_d
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     a = load_file(os.path.join(ref["output_dir"], "final", "adapter_model.safetensors"))
     b = load_file(os.path.join(recipe["output_dir"], "final", "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    a = load_file(os.path.join(ref["output_dir"], "final", "merged", "model.safetensors"))
+    b = load_file(os.path.join(recipe["output_dir"], "final", "merged", "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)

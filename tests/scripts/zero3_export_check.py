@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from llmtrain import checkpoint, dist  # noqa: E402
+from llmtrain import dist, export  # noqa: E402
 from llmtrain.config import load_config  # noqa: E402
 from llmtrain.loop import train_loop  # noqa: E402
 from llmtrain.runner import setup  # noqa: E402
@@ -30,7 +30,7 @@ run.engine.eval()
 with torch.no_grad():
     live = run.engine(input_ids=probe, use_cache=False).logits.float()
 final = os.path.join(cfg.output_dir, "final")
-checkpoint.export_hf(run.engine, run.tokenizer, final, run.stage)
+export.export_hf(run.engine, run.tokenizer, final, run.stage)
 if dist.is_main():
     from transformers import AutoModelForCausalLM
 
