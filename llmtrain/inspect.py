@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 
-from .config import ConfigError, load_config, sources
+from .config import ConfigError, load_config
 from .data.chat import IGNORE_INDEX
-from .data.sources import BadRowReport, DataError
+from .data.sources import DataError
 
 
 def highlight(tokenizer, ids: np.ndarray, labels: np.ndarray, color: bool) -> str:
@@ -39,14 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        from .data.sft import build_sft_samples
-        from .models import load_tokenizer
+        from .data.prepare_samples import prepared_split
+        from .models import load_tokenizer, tokenizer_hash
+        from .tasks import prepare_request
 
         cfg = load_config(args.recipe, args.overrides)
         tok = load_tokenizer(cfg)
-        report = BadRowReport()
-        samples = build_sft_samples(tok, sources(cfg, "data.train"), cfg.data.max_seq_len, cfg.data.truncation,
-                                    "data.train", report)
+        # the same preparation a training run does (parallel, cached): a later run reuses it, and vice versa
+        request = prepare_request(cfg, tokenizer_hash(tok), "data.train", "sft")
+        request.max_bad_fraction = 1.0  # a preview shows every bad row instead of stopping at the budget
+        samples, report = prepared_split(request, tok)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -57,10 +59,10 @@ def main(argv=None) -> int:
         print(f"--- sample {i}: {len(ids)} tokens, {n_trained} trained ---")
         print(highlight(tok, ids, labels, color))
     targets = samples.seq_targets()
-    total = int(np.diff(samples.offsets).sum())
+    total = int(samples.seq_lengths().sum())
     print(f"--- {samples.num_seqs} samples, {total} tokens, {int(targets.sum())} trained "
           f"({targets.sum() / max(total, 1):.1%}); mean length {total / max(samples.num_seqs, 1):.1f}, "
-          f"max {int(np.diff(samples.offsets).max(initial=0))} (data.max_seq_len={cfg.data.max_seq_len})")
+          f"max {int(samples.seq_lengths().max(initial=0))} (data.max_seq_len={cfg.data.max_seq_len})")
     print(f"--- {report.summary()}")
     if report.dropped_too_long:
         print(f"--- dropped {report.dropped_too_long} samples longer than data.max_seq_len (data.truncation=drop)")
