@@ -44,7 +44,8 @@ from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 PLAN_NAME, FAILED_NAME, STORAGE_ID_NAME = "plan.json", "failed.json", "storage-id"
 POLL_S = 0.5  # how often a waiting rank looks for the files it waits for
 SAY_EVERY_S = 60.0  # how often a waiting rank says what it waits for
-TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"  # "RANK:SECONDS": that rank stalls in its first chunk (tests)
+# test hook, "RANK:SECONDS[:AFTER]": that rank stalls SECONDS in the chunk after its first AFTER (default 0) chunks
+TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: fl
     independent of dist.timeout_minutes. (A general 'wait for a file another rank writes' helper
     is being written on the ckpt branch; this is the minimal one for preparation.)
     """
-    start = last = time.monotonic()
+    start = time.monotonic()
+    last = start - SAY_EVERY_S + 2.0  # first word after 2 s: short waits stay quiet
     while True:
         fail()
         value = ready()
@@ -377,7 +379,7 @@ class _Preparer:
 
     def _tokenize(self, st: _State, workers: int) -> bool:
         """Draw and tokenize chunks until none is left; True when this rank drew the one-past-the-end number."""
-        delay = _test_delay(self.rank)
+        delays = _test_delays(self.rank)
         pool = None
         if workers > 1:  # spawn: safe with the threads a rank already runs (gloo, tokenizers)
             pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
@@ -397,8 +399,7 @@ class _Preparer:
                     st.refresh([i])
                     if i in st.sides:  # finished by an earlier (interrupted) preparation
                         continue
-                    args = (i, st.chunks[i], delay)
-                    delay = 0.0
+                    args = (i, st.chunks[i], delays.pop(0) if delays else 0.0)
                     if pool is None:  # one worker: tokenize in this process, no spawn
                         st.sides[i] = _run_chunk(*args)
                         self._check_bad_rows(st)
@@ -476,13 +477,13 @@ class _Preparer:
                         f"{manifest['num_tokens']:,} tokens in {manifest['prepare']['seconds']:.1f} s")
 
 
-def _test_delay(rank: int) -> float:
-    spec = os.environ.get(TEST_DELAY_ENV, "")
-    if ":" in spec:
-        r, seconds = spec.split(":", 1)
-        if int(r) == rank:
-            return float(seconds)
-    return 0.0
+def _test_delays(rank: int) -> list[float]:
+    """Sleep before each of this rank's chunks (TEST_DELAY_ENV; empty outside tests)."""
+    parts = os.environ.get(TEST_DELAY_ENV, "").split(":")
+    if len(parts) < 2 or int(parts[0]) != rank:
+        return []
+    after = int(parts[2]) if len(parts) > 2 else 0
+    return [0.0] * after + [float(parts[1])]
 
 
 def _cleanup_tmp(directory: str) -> None:
