@@ -12,7 +12,6 @@ from conftest import TOKENIZER, build_tiny
 from llmtrain.config import SourceConfig
 from llmtrain.data.batching import BatchPlanner, RowStream, collate_sequences, pack_next_fit
 from llmtrain.data.chat import IGNORE_INDEX, RowError, to_messages, tokenize_chat
-from llmtrain.data.samples import SampleSet
 from llmtrain.data.sft import build_sft_samples
 from llmtrain.data.sources import BadRowReport
 from llmtrain.losses import causal_lm_loss, shift_labels, token_logps_from_logits

@@ -30,7 +30,6 @@ import os
 import socket
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -39,11 +38,10 @@ import numpy as np
 from .samples import (FORMAT_VERSION, MANIFEST_NAME, ChunkWriter, SampleStore, SampleStoreError, chunk_done,
                       data_fingerprint, write_json_atomic)
 from .shards import dtype_for_vocab
+from .coordination import SAY_EVERY_S, ChunkCounter, cleanup_tmp, default_store, say, storage_id, wait_for
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
-PLAN_NAME, FAILED_NAME, STORAGE_ID_NAME = "plan.json", "failed.json", "storage-id"
-POLL_S = 0.5  # how often a waiting rank looks for the files it waits for
-SAY_EVERY_S = 60.0  # how often a waiting rank says what it waits for
+PLAN_NAME, FAILED_NAME = "plan.json", "failed.json"
 # test hook, "RANK:SECONDS[:AFTER]": that rank stalls SECONDS in the chunk after its first AFTER (default 0) chunks
 TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"
 
@@ -133,95 +131,6 @@ def workers_per_rank(requested: int, local_world_size: int) -> int:
     if cpus >= (os.cpu_count() or cpus):
         cpus //= max(1, local_world_size)
     return max(1, cpus)
-
-
-# --------------------------------------------------------------------------- coordination between ranks
-
-
-def _default_store():
-    """The rendezvous store of torch.distributed (None in a single process). Private API, but the
-    only handle on it: its atomic `add` gives every rank distinct chunk numbers without a collective."""
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() < 2:
-        return None
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    return _get_default_store()
-
-
-class ChunkCounter:
-    """Hands out 0, 1, 2, ... once each to the processes of one launch that share `name`."""
-
-    def __init__(self, name: str, store=None):
-        self.name, self.store, self._local = name, store, {}
-
-    def draw(self, what: str = "chunk") -> int:
-        if self.store is None:
-            self._local[what] = self._local.get(what, -1) + 1
-            return self._local[what]
-        return int(self.store.add(f"{self.name}/{what}", 1)) - 1
-
-    def launch_token(self) -> str:
-        """An id every process of this launch agrees on (the first to ask sets it)."""
-        mine = uuid.uuid4().hex
-        if self.store is None:
-            return self._local.setdefault("token", mine)
-        return self.store.compare_set("llmtrain-prepare/launch", "", mine).decode()
-
-
-def _storage_id(directory: str) -> str:
-    """A random id created once per copy of `directory`: ranks that see the same files share it,
-    so with node-local paths each node gets its own chunk counter (and prepares everything)."""
-    path = os.path.join(directory, STORAGE_ID_NAME)
-    if not os.path.exists(path):
-        tmp = path + f".{socket.gethostname()}-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(uuid.uuid4().hex)
-        try:
-            os.link(tmp, path)  # atomic, fails if another process made it first
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: keep ours unless someone was faster
-            if not os.path.exists(path):
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    with open(path) as f:
-        return f.read().strip()
-
-
-def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: float, fail: Callable[[], None],
-             rank: int) -> object:
-    """Poll `ready()` until it returns something truthy; every SAY_EVERY_S say `what()`; call `fail()`
-    (which raises when the wait must end early, e.g. another rank failed) each poll.
-
-    This is deliberately not a collective: it waits as long as data.prepare_timeout_minutes says,
-    independent of dist.timeout_minutes. (A general 'wait for a file another rank writes' helper
-    is being written on the ckpt branch; this is the minimal one for preparation.)
-    """
-    start = time.monotonic()
-    last = start - SAY_EVERY_S + 2.0  # first word after 2 s: short waits stay quiet
-    while True:
-        fail()
-        value = ready()
-        if value:
-            return value
-        now = time.monotonic()
-        if now - start > timeout_s:
-            raise DataError(f"gave up after {timeout_s / 60:g} min (data.prepare_timeout_minutes) waiting for {what()}; "
-                            "raise data.prepare_timeout_minutes if preparation is just slow")
-        if now - last >= SAY_EVERY_S:
-            _say(rank, f"waiting for {what()} ({(now - start) / 60:.1f} of {timeout_s / 60:g} min, "
-                       "data.prepare_timeout_minutes)")
-            last = now
-        time.sleep(POLL_S)
-
-
-def _say(rank: int, message: str) -> None:
-    print(f"{'' if rank == 0 else f'[rank {rank}] '}[prepare] {message}", file=sys.stderr if rank else sys.stdout,
-          flush=True)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -317,9 +226,9 @@ class _Preparer:
     def __init__(self, req: Request, tokenizer, reader: SplitReader, directory: str):
         self.req, self.tok, self.reader, self.dir = req, tokenizer, reader, directory
         self.rank = req.rank
-        store = _default_store()
+        store = default_store()
         os.makedirs(directory, exist_ok=True)
-        self.counter = ChunkCounter(f"llmtrain-prepare/{os.path.basename(directory)}/{_storage_id(directory)}", store)
+        self.counter = ChunkCounter(f"llmtrain-prepare/{os.path.basename(directory)}/{storage_id(directory)}", store)
         self.token = self.counter.launch_token()
         self.dtype = dtype_for_vocab(len(tokenizer)).name
         self.started = time.time()
@@ -367,7 +276,7 @@ class _Preparer:
         st = _State(self.dir, chunks, self.dtype, sum(c.row_stop - c.row_start for c in chunks))
         workers = workers_per_rank(self.req.workers, self.req.local_world_size)
         if self.rank == 0:
-            _say(0, f"{self.req.key}: {len(chunks)} chunk(s) of <= {self.req.chunk_rows} rows -> {self.dir} "
+            say(0, f"{self.req.key}: {len(chunks)} chunk(s) of <= {self.req.chunk_rows} rows -> {self.dir} "
                     f"({self.req.world_size} rank(s) x {workers} worker(s))")
         writer = self._tokenize(st, workers)
         if writer:  # drew the number after the last chunk: this rank writes the manifest
@@ -414,7 +323,7 @@ class _Preparer:
                     st.sides[i] = running.pop(i).result()
                     self._check_bad_rows(st)
                 if self.rank == 0 and time.monotonic() - last_say >= 30:
-                    _say(0, f"{self.req.key}: {self._count_done(st)}/{len(st.chunks)} chunks done")
+                    say(0, f"{self.req.key}: {self._count_done(st)}/{len(st.chunks)} chunks done")
                     last_say = time.monotonic()
         except (DataError, KeyboardInterrupt):
             raise
@@ -472,8 +381,8 @@ class _Preparer:
         write_json_atomic(os.path.join(self.dir, MANIFEST_NAME), manifest)  # last: the split is complete
         if os.path.exists(os.path.join(self.dir, FAILED_NAME)):
             os.remove(os.path.join(self.dir, FAILED_NAME))  # an earlier verdict under a lower data.max_bad_fraction
-        _cleanup_tmp(self.dir)
-        _say(self.rank, f"{self.req.key}: prepared {manifest['rows']:,} rows -> {manifest['num_seqs']:,} sequences, "
+        cleanup_tmp(self.dir)
+        say(self.rank, f"{self.req.key}: prepared {manifest['rows']:,} rows -> {manifest['num_seqs']:,} sequences, "
                         f"{manifest['num_tokens']:,} tokens in {manifest['prepare']['seconds']:.1f} s")
 
 
@@ -484,24 +393,6 @@ def _test_delays(rank: int) -> list[float]:
         return []
     after = int(parts[2]) if len(parts) > 2 else 0
     return [0.0] * after + [float(parts[1])]
-
-
-def _cleanup_tmp(directory: str) -> None:
-    """Temporary files of this host's dead processes (an interrupted preparation) go; live ones stay."""
-    host = socket.gethostname()
-    for f in os.listdir(directory):
-        if ".tmp-" not in f:
-            continue
-        tag = f.rsplit(".tmp-", 1)[1]
-        h, _, pid = tag.rpartition("-")
-        if h != host or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(directory, f))
-        except PermissionError:
-            pass
 
 
 # --------------------------------------------------------------------------- entry point
