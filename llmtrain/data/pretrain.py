@@ -265,11 +265,12 @@ def prepare_recipe(cfg: Config, num_workers: int, docs_per_shard: Optional[int] 
                 print(f"[prepare] {key}[{i}]: {src.path} is prepared ({shards.num_tokens:,} tokens), no prepare_from")
                 continue
             print(f"[prepare] {key}[{i}]: {src.prepare_from} -> {src.path}")
+            hub = {"name": src.name, "split": src.split, "revision": src.revision, "streaming": src.streaming}
             try:
-                prepare_corpus(_raw_inputs(src, key, i), tokenizer, src.path, text_field=src.text_field,
-                               num_workers=num_workers, docs_per_shard=docs_per_shard,
-                               tokens_per_shard=tokens_per_shard, max_bad_fraction=cfg.data.max_bad_fraction,
-                               progress=progress)
+                prepare_corpus(_raw_inputs(src, key, i), tokenizer, src.path,
+                               text_field=(src.columns or {}).get("text", src.text_field), num_workers=num_workers,
+                               docs_per_shard=docs_per_shard, tokens_per_shard=tokens_per_shard,
+                               max_bad_fraction=cfg.data.max_bad_fraction, progress=progress, hub=hub)
             except (CorpusError, ShardError) as e:
                 raise DataError(f"{key}[{i}]: {e}") from None
             open_shards(src, key, i, shard_hash)  # what training will open: sizes and tokenizer
