@@ -69,7 +69,7 @@ class DataConfig:
     # SFT/DPO preparation (tokenization into memory-mapped chunks, once, reused by later runs)
     cache_dir: Optional[str] = None  # prepared data; default output_dir/cache; content-keyed, safe to share between runs
     prepare_workers: int = 0  # tokenizer processes per rank (0 = this rank's share of the node's CPUs)
-    prepare_chunk_rows: int = 4096  # source rows per chunk: the unit of parallel work, resume and atomic writes
+    prepare_chunk_rows: int = 4096  # most rows per chunk (the unit of parallel work, resume and atomic writes)
     prepare_timeout_minutes: float = 240.0  # how long a rank waits for chunks other ranks are preparing
 
 

@@ -374,7 +374,7 @@ class _Preparer:
             "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
             "num_seqs": sum(s["num_seqs"] for s in sides), "num_tokens": sum(s["num_tokens"] for s in sides),
             "rows": rep.total, "bad_rows": len(rep.bad), "dropped_too_long": rep.dropped_too_long,
-            "fingerprint": data_fingerprint(self.req.spec.seqs_per_unit, self.dtype, [s["sha256"] for s in sides]),
+            "fingerprint": data_fingerprint(self.req.spec.seqs_per_unit, sides),
             "prepare": {"seconds": round(time.time() - self.started, 3), "ranks": self.req.world_size,
                         "workers_per_rank": workers, "finished_by": f"rank {self.rank} ({socket.gethostname()})"},
         }

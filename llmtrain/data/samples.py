@@ -166,7 +166,8 @@ class ChunkWriter:
         self._tmp = {ext: os.path.join(directory, f".{name}{ext}{suffix}") for ext in (".ids", ".mask", ".seqs.npy")}
         self._ids = open(self._tmp[".ids"], "wb")
         self._mask = open(self._tmp[".mask"], "wb")
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256()  # of the files' bytes: their integrity
+        self._content = 0  # of the sequences, foldable across chunks: the data's identity (see data_fingerprint)
         self._lengths: list[int] = []
         self._targets: list[int] = []
 
@@ -182,6 +183,7 @@ class ChunkWriter:
             buf = arr.tobytes()
             f.write(buf)
             self._sha.update(buf)
+        self._content = _fold(self._content, _seq_digest(ids, trained), 1)
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 
@@ -196,7 +198,7 @@ class ChunkWriter:
         for ext, tmp in self._tmp.items():
             os.replace(tmp, os.path.join(self.dir, self.name + ext))
         side = {"name": self.name, "num_seqs": len(self._lengths), "num_tokens": int(sum(self._lengths)),
-                "sha256": self._sha.hexdigest(), **meta}
+                "sha256": self._sha.hexdigest(), "content": self._content, **meta}
         write_json_atomic(os.path.join(self.dir, self.name + ".json"), side)
         return side
 
@@ -222,11 +224,31 @@ def chunk_done(directory: str, name: str, dtype: np.dtype) -> Optional[dict]:
         return None
 
 
-def data_fingerprint(seqs_per_unit: int, dtype: str, chunk_shas: list[str]) -> str:
-    h = hashlib.sha256(f"{FORMAT_NAME}|{FORMAT_VERSION}|{seqs_per_unit}|{dtype}".encode())
-    for sha in chunk_shas:
-        h.update(sha.encode())
-    return h.hexdigest()[:16]
+# Content hash of a sequence list that chunks combine without re-reading any token: a polynomial
+# hash H(s_1..s_n) = sum_j d(s_j) * B^(n-j) mod P over per-sequence sha256 digests d, so that
+# H(A + B) = H(A) * B^len(B) + H(B). Equal for any chunking (and storage dtype) of the same sequences.
+_P = (1 << 61) - 1
+_B = 0x5DEECE66D2F1A3B
+
+
+def _seq_digest(ids: np.ndarray, trained: np.ndarray) -> int:
+    h = hashlib.sha256(ids.astype(np.int32).tobytes())
+    h.update(trained.astype(np.uint8).tobytes())
+    return int.from_bytes(h.digest()[:8], "little") % _P
+
+
+def _fold(acc: int, value: int, n: int) -> int:
+    """Append `value`, the hash of n sequences, to `acc`."""
+    return (acc * pow(_B, n, _P) + value) % _P
+
+
+def data_fingerprint(seqs_per_unit: int, chunks: list[dict]) -> str:
+    """The identity of the prepared samples, computed once from the chunks' sidecars and stored."""
+    acc = 0
+    for c in chunks:
+        acc = _fold(acc, c["content"], c["num_seqs"])
+    n = sum(c["num_seqs"] for c in chunks)
+    return hashlib.sha256(f"{FORMAT_NAME}|{seqs_per_unit}|{n}|{acc}".encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- reading a prepared directory

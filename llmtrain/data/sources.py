@@ -76,6 +76,8 @@ class BadRowReport:
 
 
 _DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+MIN_CHUNK_ROWS = 64  # smaller chunks cost more in files and bookkeeping than they gain in balance
+TARGET_CHUNKS_PER_FILE = 1024  # enough for every tokenizer process of a few nodes to share one file
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -218,20 +220,23 @@ class SplitReader:
         return out
 
     # --- planning ---
-    def plan(self, rows_per_chunk: int) -> list[Chunk]:
-        """Every source row in chunks of at most rows_per_chunk rows, in source and file order."""
+    def plan(self, max_rows_per_chunk: int, target_chunks: int = TARGET_CHUNKS_PER_FILE) -> list[Chunk]:
+        """Every source row in chunks, in source and file order. A file is cut into about
+        `target_chunks` chunks of MIN_CHUNK_ROWS..max_rows_per_chunk rows, so that hundreds of
+        processes can share even a mid-sized file. Depends on the data only."""
         from .prepare import _jsonl_cuts  # numpy newline scan: ~GB/s, no Python object per line
 
         chunks = []
         for i in range(len(self.srcs)):
             for path in self.paths(i):
                 kind = "hub" if is_hub(self.srcs[i]) else _kind(path)
+                n = _jsonl_cuts(path, 1 << 62)[-1][0] if kind == "jsonl" else self._num_rows(i, path, kind)
+                k = min(max_rows_per_chunk, max(MIN_CHUNK_ROWS, -(-n // target_chunks)))
                 if kind == "jsonl":
-                    cuts = _jsonl_cuts(path, rows_per_chunk)
-                    chunks += [Chunk(i, path, kind, r0, r1, b0) for (r0, b0), (r1, _) in zip(cuts, cuts[1:])]
-                    continue
-                n = self._num_rows(i, path, kind)
-                chunks += [Chunk(i, path, kind, a, min(a + rows_per_chunk, n)) for a in range(0, n, rows_per_chunk)]
+                    cuts = _jsonl_cuts(path, k) if n > k else [(0, 0), (n, os.path.getsize(path))]
+                    chunks += [Chunk(i, path, kind, r0, r1, b0) for (r0, b0), (r1, _) in zip(cuts, cuts[1:]) if r1 > r0]
+                else:
+                    chunks += [Chunk(i, path, kind, a, min(a + k, n)) for a in range(0, n, k)]
         return chunks
 
     def _num_rows(self, i: int, path: str, kind: str) -> int:
@@ -312,7 +317,7 @@ class SplitReader:
 
     def rows(self) -> Iterator[tuple[Union[Row, BadRow], SourceConfig]]:
         """Every row of every source, in order (one process; the prepared path reads by chunks)."""
-        for c in self.plan(1 << 40):
+        for c in self.plan(1 << 40, target_chunks=1):
             for row in self.read(c):
                 yield row, self.srcs[c.source]
 
