@@ -348,3 +348,18 @@ def test_two_ranks_survive_a_rank_preparing_longer_than_the_collective_timeout(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[prepare]" not in proc.stdout + proc.stderr  # nothing prepared again
     assert train_losses(str(tmp_path / "run2")) == train_losses(recipe["output_dir"])
+
+
+def test_inspect_data_and_training_share_one_preparation(tmp_path, tiny_model_dir):
+    from conftest import python_cmd
+
+    recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=1)
+    recipe["data"]["train"] = [demo_with_bad_rows(tmp_path, SFT_DEMO, 300)]
+    recipe["data"]["max_bad_fraction"] = 0.05
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cmd(python_cmd("launch/inspect_data.py", "--recipe", path, "-n", "1"), timeout=300)
+    assert proc.returncode == 0 and "[prepare] data.train: prepared" in proc.stdout, proc.stdout + proc.stderr
+    assert "skipped 3 of 299 rows" in proc.stdout
+    proc = run_cmd(python_cmd("launch/sft.py", "--recipe", path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[prepare]" not in proc.stdout + proc.stderr and len(train_losses(recipe["output_dir"])) == 1
