@@ -131,6 +131,44 @@ def test_training_batches_equal_those_of_the_in_memory_samples(tmp_path, tok):
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
+def test_threads_reading_one_store_get_their_own_sequences(tmp_path, tok, monkeypatch):
+    """The prefetch thread (train batches) and the main thread (eval, a view of the same store with
+    data.eval_fraction) read one store at once while its small file-descriptor LRU evicts."""
+    import threading
+
+    from llmtrain.data.samples import SampleStore
+
+    reference, _ = prepared_split(request(tmp_path, SFT_DEMO, "sft", 96, 1, chunk_rows=64), tok)
+    want = [reference.seq(j) for j in range(reference.num_seqs)]
+    store = SampleStore(reference.dir)
+    store._max_open = 2  # 157 chunks x 2 files through 2 descriptors: constant eviction
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, buffers, offset):  # widen the window between choosing an fd and reading it
+        time.sleep(0.001)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    errors = []
+
+    def read(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for j in rng.integers(0, store.num_seqs, size=100).tolist():
+                ids, labels = store.seq(j)
+                if not (np.array_equal(ids, want[j][0]) and np.array_equal(labels, want[j][1])):
+                    errors.append(j)
+        except Exception as e:  # EBADF, or a short read from another chunk's file that took the fd number
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_fingerprint_is_computed_once_not_per_step(tmp_path, tok, monkeypatch):
     """The prefetcher saves the data state every step; hashing the data there costs seconds per step
     at 1B tokens. Count every sha256 the data objects make while stepping: none."""

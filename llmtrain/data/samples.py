@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -281,6 +282,9 @@ class SampleStore(_Samples):
         self._starts = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])  # (num_seqs + 1,)
         self._open: OrderedDict = OrderedDict()
         self._max_open = _max_open_files()
+        # the prefetch thread reads train batches while the main thread evaluates, and an
+        # eval_fraction view reads this same store: the LRU must not close an fd another thread uses
+        self._lock = threading.Lock()
         self._unit_lengths = None
 
     def _load_seqs(self, c: dict) -> np.ndarray:
@@ -318,7 +322,7 @@ class SampleStore(_Samples):
         if fd is None:
             fd = os.open(os.path.join(self.dir, self._chunks[c] + ext), os.O_RDONLY)
             self._open[key] = fd
-            if len(self._open) > self._max_open:
+            while len(self._open) > self._max_open:
                 os.close(self._open.popitem(last=False)[1])
         else:
             self._open.move_to_end(key)
@@ -337,13 +341,15 @@ class SampleStore(_Samples):
             raise IndexError(f"sequence {j} outside 0..{self.num_seqs - 1}")
         c = int(np.searchsorted(self._chunk_seq0, j, side="right")) - 1
         start, n = int(self._starts[j] - self._chunk_tok0[c]), int(self._lengths[j])
-        ids = self._pread(c, ".ids", self.dtype, start, n).astype(np.int32)
-        mask = self._pread(c, ".mask", np.dtype(np.uint8), start, n).view(bool)
+        with self._lock:
+            ids = self._pread(c, ".ids", self.dtype, start, n).astype(np.int32)
+            mask = self._pread(c, ".mask", np.dtype(np.uint8), start, n).view(bool)
         return ids, np.where(mask, ids, np.int32(IGNORE_INDEX))
 
     def close(self) -> None:
-        while self._open:
-            os.close(self._open.popitem()[1])
+        with self._lock:
+            while self._open:
+                os.close(self._open.popitem()[1])
 
     def __del__(self):
         try:
@@ -354,7 +360,12 @@ class SampleStore(_Samples):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # file descriptors do not travel; reopened lazily
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def _max_open_files() -> int:

@@ -165,6 +165,11 @@ class SplitReader:
         self._datasets: dict = {}  # (source, path) -> datasets.Dataset
         self._json: dict = {}  # path -> parsed JSON array (a .json source is one array, read whole)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_json"] = {}  # a worker parses the JSON array it reads itself, instead of receiving a copy
+        return state
+
     # --- opening ---
     def where(self, i: int) -> str:
         return f"{self.key}[{i}]"
