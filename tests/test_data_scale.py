@@ -401,3 +401,23 @@ def test_inspect_data_and_training_share_one_preparation(tmp_path, tiny_model_di
     proc = run_cmd(python_cmd("launch/sft.py", "--recipe", path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[prepare]" not in proc.stdout + proc.stderr and len(train_losses(recipe["output_dir"])) == 1
+
+
+def test_prepare_cli_prepares_an_sft_recipe_where_the_run_looks(tmp_path, tiny_model_dir, tok):
+    from llmtrain.config import load_config
+    from llmtrain.data.prepare_samples import split_dir
+    from llmtrain.data.pretrain import prepare_main
+    from llmtrain.data.sources import SplitReader
+    from llmtrain.models import load_tokenizer, tokenizer_hash
+    from llmtrain.tasks import prepare_request
+
+    recipe = base_recipe(tmp_path, tiny_model_dir)
+    recipe["data"].update(train=[demo_with_bad_rows(tmp_path, SFT_DEMO, 300)], eval=[SFT_DEMO.replace("train", "eval")],
+                          max_bad_fraction=0.05)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert prepare_main(["--recipe", path, "--task", "sft", "--workers", "1"]) == 0
+    cfg = load_config(path)
+    run_tok = load_tokenizer(cfg)
+    for key in ("data.train", "data.eval"):
+        req = prepare_request(cfg, tokenizer_hash(run_tok), key, "sft")
+        assert os.path.isfile(os.path.join(split_dir(req, SplitReader(req.srcs, key), run_tok), "manifest.json"))
