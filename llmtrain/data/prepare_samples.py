@@ -249,6 +249,11 @@ class _Preparer:
     def _record_failure(self, info: dict) -> None:
         write_json_atomic(os.path.join(self.dir, FAILED_NAME), info)
 
+    def _record_error(self, e: BaseException) -> None:
+        """This launch's other ranks stop waiting and fail with the same message (see _failed)."""
+        self._record_failure({"kind": "error", "launch": self.token, "where": f"rank {self.rank} "
+                              f"({socket.gethostname()})", "message": f"{type(e).__name__}: {e}"})
+
     # --- plan ---
     def plan(self) -> list[Chunk]:
         path = os.path.join(self.dir, PLAN_NAME)
@@ -264,7 +269,11 @@ class _Preparer:
         if chunks is not None:
             return chunks
         if self.counter.draw("planner") == 0:  # one process scans the sources; the others read its plan
-            chunks = self.reader.plan(self.req.chunk_rows)
+            try:
+                chunks = self.reader.plan(self.req.chunk_rows)
+            except BaseException as e:  # e.g. a column that is not there: the ranks waiting for the plan must hear it
+                self._record_error(e)
+                raise
             write_json_atomic(path, {"chunks": [asdict(c) for c in chunks]})
             return chunks
         return wait_for(read, lambda: f"the plan of {self.req.key} ({path})", self.req.timeout_s, self._failed,
@@ -328,8 +337,7 @@ class _Preparer:
         except (DataError, KeyboardInterrupt):
             raise
         except BaseException as e:  # tell the other ranks, then fail here too
-            self._record_failure({"kind": "error", "launch": self.token, "where": f"rank {self.rank} "
-                                  f"({socket.gethostname()})", "message": f"{type(e).__name__}: {e}"})
+            self._record_error(e)
             raise
         finally:
             if pool is not None:
