@@ -33,44 +33,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
-
-from .samples import (FORMAT_VERSION, MANIFEST_NAME, ChunkWriter, SampleStore, SampleStoreError, chunk_done,
-                      data_fingerprint, write_json_atomic)
-from .shards import dtype_for_vocab
 from .coordination import SAY_EVERY_S, ChunkCounter, cleanup_tmp, default_store, say, storage_id, wait_for
+from .sample_worker import EncodeSpec, chunk_name, init_worker, run_chunk  # noqa: F401  (EncodeSpec: API)
+from .samples import (FORMAT_VERSION, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, data_fingerprint,
+                      write_json_atomic)
+from .shards import dtype_for_vocab
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
 PLAN_NAME, FAILED_NAME = "plan.json", "failed.json"
 # test hook, "RANK:SECONDS[:AFTER]": that rank stalls SECONDS in the chunk after its first AFTER (default 0) chunks
 TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"
-
-
-@dataclass(frozen=True)
-class EncodeSpec:
-    """How rows become sequences: data.sft.encode_row (SFT) or data.preference.encode_pair (DPO).
-    `options` are extra keyword arguments for them (sorted (name, value) pairs; part of the cache key)."""
-
-    kind: str  # "sft" | "dpo"
-    max_seq_len: int
-    truncation: str = "truncate"
-    max_prompt_len: int = 1024
-    options: tuple = ()
-
-    @property
-    def seqs_per_unit(self) -> int:
-        return 2 if self.kind == "dpo" else 1
-
-    def encode(self, tokenizer, record: dict, fmt: str) -> Optional[list]:
-        """-> [(ids, labels), ...] (one unit), None when dropped for length; RowError when malformed."""
-        if self.kind == "dpo":
-            from .preference import encode_pair
-
-            return encode_pair(tokenizer, record, self.max_seq_len, self.max_prompt_len, **dict(self.options))
-        from .sft import encode_row
-
-        enc = encode_row(tokenizer, record, fmt, self.max_seq_len, self.truncation, **dict(self.options))
-        return None if enc is None else [enc]
 
 
 @dataclass
@@ -100,7 +72,8 @@ class TooManyBadRows(DataError):
 # --------------------------------------------------------------------------- identity and layout
 
 
-_ENCODING_MODULES = ("chat.py", "sft.py", "preference.py", "sources.py", "samples.py", "prepare_samples.py")
+_ENCODING_MODULES = ("chat.py", "sft.py", "preference.py", "sources.py", "samples.py", "sample_worker.py",
+                     "prepare_samples.py")
 
 
 def _code_hash() -> str:
@@ -131,65 +104,6 @@ def workers_per_rank(requested: int, local_world_size: int) -> int:
     if cpus >= (os.cpu_count() or cpus):
         cpus //= max(1, local_world_size)
     return max(1, cpus)
-
-
-# --------------------------------------------------------------------------- worker side
-
-
-_W: dict = {}  # per-process state, set by _init_worker
-
-
-def _init_worker(tokenizer, reader: SplitReader, spec: EncodeSpec, directory: str, dtype: str,
-                 in_subprocess: bool) -> None:
-    if in_subprocess:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-        _die_with_parent()
-    _W.update(tok=tokenizer, reader=reader, spec=spec, dir=directory, dtype=np.dtype(dtype))
-
-
-def _die_with_parent() -> None:
-    """A worker of a rank that is SIGKILLed must not tokenize on as an orphan (Linux PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)
-
-
-def _run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
-    """Read, encode and write one chunk; returns its sidecar. Malformed rows are listed, in row order."""
-    from .chat import RowError
-
-    reader, spec, tok = _W["reader"], _W["spec"], _W["tok"]
-    fmt = reader.srcs[chunk.source].format
-    writer = ChunkWriter(_W["dir"], chunk_name(index), _W["dtype"])
-    rows, bad, dropped = 0, [], 0
-    try:
-        time.sleep(delay_s)  # test hook only (TEST_DELAY_ENV)
-        for row in reader.read(chunk):
-            rows += 1
-            if isinstance(row, BadRow):
-                bad.append([row.origin, row.reason])
-                continue
-            try:
-                seqs = spec.encode(tok, row.record, fmt)
-            except RowError as e:
-                bad.append([row.origin, str(e)])
-                continue
-            if seqs is None:
-                dropped += 1
-                continue
-            for ids, labels in seqs:
-                writer.add(ids, labels)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish({"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start,
-                          "bad": bad, "dropped_too_long": dropped})
-
-
-def chunk_name(index: int) -> str:
-    return f"c{index:07d}"
 
 
 # --------------------------------------------------------------------------- one rank's part
@@ -300,10 +214,10 @@ class _Preparer:
         delays = _test_delays(self.rank)
         pool = None
         if workers > 1:  # spawn: safe with the threads a rank already runs (gloo, tokenizers)
-            pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+            pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
                                           initargs=(self.tok, self.reader, self.req.spec, self.dir, self.dtype, True))
         else:
-            _init_worker(self.tok, self.reader, self.req.spec, self.dir, self.dtype, False)
+            init_worker(self.tok, self.reader, self.req.spec, self.dir, self.dtype, False)
         running: dict = {}
         writer, exhausted, last_say = False, False, time.monotonic()
         try:
@@ -319,10 +233,10 @@ class _Preparer:
                         continue
                     args = (i, st.chunks[i], delays.pop(0) if delays else 0.0)
                     if pool is None:  # one worker: tokenize in this process, no spawn
-                        st.sides[i] = _run_chunk(*args)
+                        st.sides[i] = run_chunk(*args)
                         self._check_bad_rows(st)
                     else:
-                        running[i] = pool.submit(_run_chunk, *args)
+                        running[i] = pool.submit(run_chunk, *args)
                 if not running:
                     if exhausted:
                         return writer
