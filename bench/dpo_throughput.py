@@ -188,10 +188,10 @@ def _llmtrain_replay(out_dir: str, args, packing: bool, rows: int) -> tuple[int,
     import glob
 
     from llmtrain.data.batching import RowStream
-    from llmtrain.data.samples import SampleSet
+    from llmtrain.data.samples import SampleStore
 
-    samples = SampleSet.load(sorted(glob.glob(os.path.join(out_dir, "cache", "data_train-*.npz")))[-1])
-    seq_lens = np.diff(samples.offsets).reshape(-1, 2)  # (pairs, 2): chosen, rejected
+    samples = SampleStore(sorted(glob.glob(os.path.join(out_dir, "cache", "dpo-*")))[-1])
+    seq_lens = samples.seq_lengths().astype(np.int64).reshape(-1, 2)  # (pairs, 2): chosen, rejected
     stream = RowStream(seq_lens.sum(axis=1), seed=args.seed, packing=packing, max_len=2 * args.max_seq_len)
     real = computed = n_pairs = 0
     for s in range(1, args.steps):  # steps 2..N, as timed

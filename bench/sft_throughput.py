@@ -232,10 +232,10 @@ def _llmtrain_computed_tokens(out_dir: str, args, packing: bool, rows: int) -> d
     import glob
 
     from llmtrain.data.batching import RowStream
-    from llmtrain.data.samples import SampleSet
+    from llmtrain.data.samples import SampleStore
 
-    cache = sorted(glob.glob(os.path.join(out_dir, "cache", "data_train-*.npz")))[-1]
-    lengths = SampleSet.load(cache).unit_lengths()
+    cache = sorted(glob.glob(os.path.join(out_dir, "cache", "sft-*")))[-1]
+    lengths = SampleStore(cache).unit_lengths()
     stream = RowStream(lengths, seed=args.seed, packing=packing, max_len=args.max_seq_len)
     real = computed = 0
     for s in range(1, args.steps):  # steps 2..N, as timed

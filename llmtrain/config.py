@@ -45,9 +45,16 @@ class SourceConfig:
     format: str = "auto"  # auto | messages | sharegpt | alpaca | preference | text | shards
     weight: float = 1.0  # relative sampling weight when several sources are mixed
     text_field: str = "text"  # column holding raw text (format: text; pretrain: read by launch/prepare.py)
-    # pretrain: raw files/globs/dataset dirs that `launch/prepare.py` tokenizes into the shard
-    # directory `path` (absent: `path` is already prepared)
+    # pretrain: raw files/globs/dataset dirs (or a hub dataset) that `launch/prepare.py` tokenizes
+    # into the shard directory `path` (absent: `path` is already prepared)
     prepare_from: Optional[Union[str, list]] = None
+    # hub datasets (a hub id such as HuggingFaceH4/ultrachat_200k, or a local folder laid out like a
+    # hub dataset repository), read with datasets.load_dataset; pretrain: these describe prepare_from
+    name: Optional[str] = None  # subset (load_dataset's `name`, the dataset card's config_name)
+    split: Optional[str] = None  # split to read (default: train); also picks a split of a saved DatasetDict
+    revision: Optional[str] = None  # hub branch, tag or commit: pin it so a rerun reads the same rows
+    columns: Optional[dict] = None  # {our field: dataset column}, e.g. {messages: conversation}
+    streaming: bool = False  # pretrain prepare_from only: stream the hub dataset instead of downloading it first
 
 
 @dataclass
@@ -62,6 +69,11 @@ class DataConfig:
     max_prompt_len: int = 1024  # DPO: a longer prompt (tokens, template included) is skipped and counted
     train_reasoning: bool = True  # train assistant reasoning (reasoning_content / <think>) where the template renders it
     template_date: str = "2024-07-26"  # "today" for chat templates that print the date (Llama 3.x, gpt-oss): fixed
+    # SFT/DPO preparation (tokenization into memory-mapped chunks, once, reused by later runs)
+    cache_dir: Optional[str] = None  # prepared data; default output_dir/cache; content-keyed, safe to share between runs
+    prepare_workers: int = 0  # tokenizer processes per rank (0 = this rank's share of the node's CPUs)
+    prepare_chunk_rows: int = 4096  # most rows per chunk (the unit of parallel work, resume and atomic writes)
+    prepare_timeout_minutes: float = 240.0  # how long a rank waits for chunks other ranks are preparing
 
 
 @dataclass
@@ -386,6 +398,9 @@ def validate(cfg: Config) -> None:
     _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
     _require(cfg.dist.wait_minutes > 0, cfg, "dist.wait_minutes", "must be > 0")
+    _require(d.prepare_workers >= 0, cfg, "data.prepare_workers", "must be >= 0 (0 = automatic)")
+    _require(d.prepare_chunk_rows >= 1, cfg, "data.prepare_chunk_rows", "must be >= 1")
+    _require(d.prepare_timeout_minutes > 0, cfg, "data.prepare_timeout_minutes", "must be > 0")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
     _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")
@@ -442,16 +457,44 @@ def sources(cfg: Config, key: str) -> list[SourceConfig]:
         elif isinstance(entry, dict):
             unknown = set(entry) - {f.name for f in dataclasses.fields(SourceConfig)}
             if unknown:
-                raise ConfigError(f"{where}: {key}[{i}] has unknown field(s) {sorted(unknown)}; allowed: path, format, weight, text_field, prepare_from")
+                raise ConfigError(f"{where}: {key}[{i}] has unknown field(s) {sorted(unknown)}; allowed: "
+                                  f"{', '.join(f.name for f in dataclasses.fields(SourceConfig))}")
             if "path" not in entry:
                 raise ConfigError(f"{where}: {key}[{i}] needs a path")
             src = SourceConfig(**entry)
             if not (isinstance(src.weight, (int, float)) and src.weight > 0):
                 raise ConfigError(f"{where}: {key}[{i}].weight={src.weight!r} must be a number > 0")
+            _check_source(src, f"{where}: {key}[{i}]")
             out.append(src)
         else:
             raise ConfigError(f"{where}: {key}[{i}]={entry!r} must be a path or a mapping with path/format/weight")
     return out
+
+
+# what a source's `columns` may map to: the fields the row readers understand
+SOURCE_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system", "prompt", "chosen",
+                 "rejected", "text")
+
+
+def _check_source(src: SourceConfig, where: str) -> None:
+    for name in ("name", "split", "revision"):
+        value = getattr(src, name)
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"{where}.{name}={value!r} must be a non-empty string")
+    if not isinstance(src.streaming, bool):
+        raise ConfigError(f"{where}.streaming={src.streaming!r} must be true or false")
+    if src.columns is None:
+        return
+    if not isinstance(src.columns, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                    for k, v in src.columns.items()):
+        raise ConfigError(f"{where}.columns must map our field names to dataset column names, "
+                          f"e.g. {{messages: conversation}}")
+    unknown = sorted(set(src.columns) - set(SOURCE_FIELDS))
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], SOURCE_FIELDS, n=1)
+        raise ConfigError(f"{where}.columns has key(s) {unknown}: keys are our field names ({', '.join(SOURCE_FIELDS)}) "
+                          f"and values the dataset's columns, e.g. {{messages: {unknown[0]}}}"
+                          + (f"; did you mean {hint[0]}?" if hint else ""))
 
 
 def to_dict(cfg: Config) -> dict:

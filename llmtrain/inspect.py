@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import ConfigError, load_config, sources
 from .data.chat import IGNORE_INDEX, RowError, chat_options
-from .data.sources import BadRow, BadRowReport, DataError
+from .data.sources import BadRow, DataError
 
 
 def highlight(tokenizer, ids: np.ndarray, labels: np.ndarray, color: bool) -> str:
@@ -96,17 +96,19 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        from .data.sft import build_sft_samples
-        from .models import load_tokenizer
+        from .data.prepare_samples import prepared_split
+        from .models import load_tokenizer, tokenizer_hash
+        from .tasks import prepare_request
 
         cfg = load_config(args.recipe, args.overrides)
         tok = load_tokenizer(cfg)
         if args.json:
             write_json(tok, cfg, args.num_samples, args.json)
             return 0
-        report = BadRowReport()
-        samples = build_sft_samples(tok, sources(cfg, "data.train"), cfg.data.max_seq_len, cfg.data.truncation,
-                                    "data.train", report, chat=chat_options(cfg.data))
+        # the same preparation a training run does (parallel, cached): a later run reuses it, and vice versa
+        request = prepare_request(cfg, tokenizer_hash(tok), "data.train", "sft")
+        request.max_bad_fraction = 1.0  # a preview shows every bad row instead of stopping at the budget
+        samples, report = prepared_split(request, tok)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -120,10 +122,10 @@ def main(argv=None) -> int:
         print(f"--- sample {i}: {len(ids)} tokens, {n_trained} trained ---")
         print(highlight(tok, ids, labels, color))
     targets = samples.seq_targets()
-    total = int(np.diff(samples.offsets).sum())
+    total = int(samples.seq_lengths().sum())
     print(f"--- {samples.num_seqs} samples, {total} tokens, {int(targets.sum())} trained "
           f"({targets.sum() / max(total, 1):.1%}); mean length {total / max(samples.num_seqs, 1):.1f}, "
-          f"max {int(np.diff(samples.offsets).max(initial=0))} (data.max_seq_len={cfg.data.max_seq_len})")
+          f"max {int(samples.seq_lengths().max(initial=0))} (data.max_seq_len={cfg.data.max_seq_len})")
     print(f"--- {report.summary()}")
     if report.dropped_too_long:
         print(f"--- dropped {report.dropped_too_long} samples longer than data.max_seq_len (data.truncation=drop)")

@@ -20,24 +20,36 @@ import torch
 from . import dist
 from .config import Config, sources
 from .data.batching import BatchPlanner, RowStream, StepPlan, collate_sequences, eval_micro_batches
-from .data.samples import SampleSet, build_cached, cache_key
-from .data.sources import BadRowReport, expand, fingerprint
-from .data.chat import IGNORE_INDEX, MASK_VERSION, chat_options
+from .data.chat import IGNORE_INDEX, chat_options
 from .losses import (causal_lm_loss, packed_sequence_logps, shift_labels, token_logps_and_sum_ce,
                      token_logps_from_logits)
 
 
 @dataclass
 class EvalSet:
-    batches: list  # this rank's collated micro-batches
+    batches: object  # this rank's collated micro-batches: a list, or an iterable with len() collating lazily
     global_weight: int  # normaliser over the whole eval set (all ranks)
 
 
-class SequenceData:
-    """Tokenized sequences in memory: shuffled/packed rows, planned per step (SFT, DPO)."""
+class LazyBatches:
+    """This rank's eval micro-batches, collated when iterated: the eval set is never held as tensors."""
 
-    def __init__(self, cfg: Config, info, train: SampleSet, eval_set: Optional[SampleSet], pad_id: int,
-                 unit_weights):
+    def __init__(self, collate, samples, micro_batches: list):
+        self.collate, self.samples, self.micro_batches = collate, samples, micro_batches
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __iter__(self):
+        for rows in self.micro_batches:
+            yield self.collate(self.samples, rows)
+
+
+class SequenceData:
+    """Tokenized sequences (prepared on disk, read by position): shuffled/packed rows, planned per step (SFT, DPO).
+    `train`/`eval_set` are samples.SampleStore (or a view of one, or an in-memory SampleSet)."""
+
+    def __init__(self, cfg: Config, info, train, eval_set, pad_id: int, unit_weights):
         t, d = cfg.train, cfg.data
         self.samples, self.pad_id = train, pad_id
         self.stream = RowStream(train.unit_lengths(), seed=t.seed, packing=d.packing, max_len=self._row_len(cfg))
@@ -50,7 +62,7 @@ class SequenceData:
     def _row_len(self, cfg: Config) -> int:
         return cfg.data.max_seq_len * self.samples.seqs_per_unit  # a packed row holds at least one whole unit
 
-    def collate(self, samples: SampleSet, rows: list) -> dict:
+    def collate(self, samples, rows: list) -> dict:
         """Packed: a row holds every sequence of its units. Unpacked: one sequence per row (a DPO
         pair becomes two rows, chosen then rejected, so sequence order is the same either way)."""
         if self.cfg.data.packing:
@@ -75,7 +87,7 @@ class SequenceData:
         d, t = self.cfg.data, self.cfg.train
         mbs = eval_micro_batches(self.eval_samples.unit_lengths(), d.packing, self._row_len(self.cfg),
                                  t.micro_batch_size, self.info.world_size, self.info.rank, t.eval_max_batches)
-        batches = [self.collate(self.eval_samples, rows) for rows in mbs]
+        batches = LazyBatches(self.collate, self.eval_samples, mbs)
         if t.eval_max_batches:  # a subset: normalise by what all ranks actually evaluate
             used = eval_micro_batches(self.eval_samples.unit_lengths(), d.packing, self._row_len(self.cfg),
                                       t.micro_batch_size, 1, 0, t.eval_max_batches * self.info.world_size)
@@ -91,46 +103,54 @@ class SequenceData:
         self.planner.load_state_dict(state)
 
 
-def _source_files(cfg: Config, key: str) -> list[str]:
-    return [p for s in sources(cfg, key) for p in expand(s.path, key) if os.path.isfile(p)]
+def encode_spec(cfg: Config, kind: str):
+    """How this run turns rows into sequences (part of the prepared data's cache key)."""
+    from .data.prepare_samples import EncodeSpec
 
-
-def load_split(cfg: Config, tokenizer, tok_hash: str, key: str, build_fn) -> SampleSet:
-    """Tokenize a split once (rank 0), cached under output_dir/cache keyed by everything that shapes it."""
     d = cfg.data
-    srcs = sources(cfg, key)
-    files = _source_files(cfg, key)
-    ckey = cache_key(key, build_fn.__name__, [(s.path, s.format) for s in srcs], fingerprint(files), tok_hash,
-                     d.max_seq_len, d.max_prompt_len, d.truncation, chat_options(d), MASK_VERSION)
-    path = os.path.join(cfg.output_dir, "cache", f"{key.replace('.', '_')}-{ckey}.npz")
+    return EncodeSpec(kind=kind, max_seq_len=d.max_seq_len, truncation=d.truncation, max_prompt_len=d.max_prompt_len,
+                      options=(("chat", chat_options(d)),))  # data.train_reasoning / template_date
 
-    def build() -> SampleSet:
-        report = BadRowReport()
-        samples = build_fn(tokenizer, srcs, cfg, key, report)
-        report_path = os.path.join(cfg.output_dir, f"bad_rows_{key.split('.')[-1]}.jsonl")
-        if report.bad:
-            report.write(report_path)
-            report.check(d.max_bad_fraction, f"{key} (all bad rows listed in {report_path})")
-            dist.print0(f"{key}: {report.summary()} (all listed in {report_path})")
-        if report.dropped_too_long:
-            dist.print0(f"{key}: dropped {report.dropped_too_long} samples longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)")
-        if len(samples) == 0:
-            from .data.sources import DataError
 
-            raise DataError(f"{key}: no usable sample in {', '.join(s.path for s in srcs)}")
-        return samples
+def prepare_request(cfg: Config, tok_hash: str, key: str, kind: str, info=None):
+    from .data.prepare_samples import Request
 
-    return build_cached(path, build)
+    d = cfg.data
+    return Request(key=key, srcs=sources(cfg, key), spec=encode_spec(cfg, kind), tok_hash=tok_hash,
+                   cache_root=d.cache_dir or os.path.join(cfg.output_dir, "cache"), chunk_rows=d.prepare_chunk_rows,
+                   workers=d.prepare_workers, timeout_s=d.prepare_timeout_minutes * 60,
+                   max_bad_fraction=d.max_bad_fraction, rank=getattr(info, "rank", 0),
+                   world_size=getattr(info, "world_size", 1), local_world_size=getattr(info, "local_world_size", 1))
+
+
+def load_split(cfg: Config, tokenizer, tok_hash: str, key: str, kind: str, info=None):
+    """A split's samples, prepared once by all ranks together (llmtrain.data.prepare_samples) into
+    the content-keyed cache and memory-mapped; the bad-row report goes to output_dir on rank 0."""
+    from .data.prepare_samples import TooManyBadRows, prepared_split
+    from .data.sources import DataError
+
+    d = cfg.data
+    report_path = os.path.join(cfg.output_dir, f"bad_rows_{key.split('.')[-1]}.jsonl")
+    try:
+        samples, report = prepared_split(prepare_request(cfg, tok_hash, key, kind, info), tokenizer)
+    except TooManyBadRows as e:
+        if dist.is_main():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            e.report.write(report_path)
+        seen = "" if e.complete else " (preparation stopped early: these rows alone exceed the budget of the split)"
+        raise DataError(f"{key} (all bad rows listed in {report_path}): {e.report.summary()} — above "
+                        f"data.max_bad_fraction={d.max_bad_fraction}{seen}; fix the rows or raise data.max_bad_fraction") from None
+    if report.bad and dist.is_main():
+        report.write(report_path)
+        print(f"{key}: {report.summary()} (all listed in {report_path})", flush=True)
+    if report.dropped_too_long:
+        dist.print0(f"{key}: dropped {report.dropped_too_long} samples longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)")
+    if len(samples) == 0:
+        raise DataError(f"{key}: no usable sample in {', '.join(s.path for s in sources(cfg, key))}")
+    return samples
 
 
 # --------------------------------------------------------------------------- SFT
-
-
-def _build_sft(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> SampleSet:
-    from .data.sft import build_sft_samples
-
-    return build_sft_samples(tokenizer, srcs, cfg.data.max_seq_len, cfg.data.truncation, key, report,
-                             chat=chat_options(cfg.data))
 
 
 # config attributes of models that post-process the LM head's output (softcapping, scaling):
@@ -222,11 +242,11 @@ class SFTTask:
         from .data.sft import split_eval
 
         self.chunk_tokens = cfg.train.loss_chunk_tokens
-        train = load_split(cfg, tokenizer, tok_hash, "data.train", _build_sft)
-        eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", _build_sft) if cfg.data.eval else None
+        train = load_split(cfg, tokenizer, tok_hash, "data.train", "sft", info)
+        eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", "sft", info) if cfg.data.eval else None
         if eval_set is None and cfg.data.eval_fraction > 0:
             train, eval_set = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
-        return SequenceData(cfg, info, train, eval_set, tokenizer.pad_token_id, unit_weights=SampleSet.seq_targets)
+        return SequenceData(cfg, info, train, eval_set, tokenizer.pad_token_id, unit_weights=lambda s: s.seq_targets())
 
     def loss(self, engine, batch: dict, global_weight: int):
         token_logps, targets = lm_forward_logps(engine, batch, self.chunk_tokens)
@@ -235,12 +255,6 @@ class SFTTask:
 
 
 # --------------------------------------------------------------------------- DPO
-
-
-def _build_pairs(tokenizer, srcs, cfg: Config, key: str, report: BadRowReport) -> SampleSet:
-    from .data.preference import build_preference_samples
-
-    return build_preference_samples(tokenizer, srcs, cfg, key, report, chat=chat_options(cfg.data))
 
 
 def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = False):
@@ -278,8 +292,8 @@ class DPOTask:
             raise ConfigError(f"{cfg.where('data.max_prompt_len')}: data.max_prompt_len={cfg.data.max_prompt_len} must be "
                               f"below data.max_seq_len={cfg.data.max_seq_len} to leave the response a budget")
         self.cfg = cfg
-        train = load_split(cfg, tokenizer, tok_hash, "data.train", _build_pairs)
-        eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", _build_pairs) if cfg.data.eval else None
+        train = load_split(cfg, tokenizer, tok_hash, "data.train", "dpo", info)
+        eval_set = load_split(cfg, tokenizer, tok_hash, "data.eval", "dpo", info) if cfg.data.eval else None
         if eval_set is None and cfg.data.eval_fraction > 0:
             train, eval_set = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
         data = SequenceData(cfg, info, train, eval_set, tokenizer.pad_token_id,

@@ -12,7 +12,6 @@ from conftest import TOKENIZER, build_tiny
 from llmtrain.config import SourceConfig
 from llmtrain.data.batching import BatchPlanner, RowStream, collate_sequences, pack_next_fit
 from llmtrain.data.chat import IGNORE_INDEX, RowError, to_messages, tokenize_chat
-from llmtrain.data.samples import SampleSet
 from llmtrain.data.sft import build_sft_samples
 from llmtrain.data.sources import BadRowReport
 from llmtrain.losses import causal_lm_loss, shift_labels, token_logps_from_logits
@@ -233,15 +232,30 @@ def test_planner_resumes_at_the_same_position():
     assert sorted(flat[:30]) == list(range(30))
 
 
-def test_sample_set_roundtrip(tmp_path):
+def test_prepared_chunks_read_back_the_sequences_written(tmp_path):
+    from llmtrain.data.samples import ChunkWriter, SampleStore, data_fingerprint, write_json_atomic
+
     seqs = _seqs(5)
-    s = SampleSet.from_sequences(seqs)
-    s.save(str(tmp_path / "s.npz"))
-    t = SampleSet.load(str(tmp_path / "s.npz"))
-    assert t.fingerprint() == s.fingerprint()
+    sides = []
+    for c, part in enumerate((seqs[:2], seqs[2:])):  # two chunks
+        w = ChunkWriter(str(tmp_path), f"c{c}", np.uint16)
+        for ids, labels in part:
+            w.add(ids, labels)
+        sides.append(w.finish({}))
+    write_json_atomic(str(tmp_path / "manifest.json"), {
+        "format": "llmtrain.samples", "version": 1, "seqs_per_unit": 1, "dtype": "uint16",
+        "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
+        "fingerprint": data_fingerprint(1, sides)})
+    t = SampleStore(str(tmp_path))
+    assert len(t) == 5 and t.num_seqs == 5
+    one = ChunkWriter(str(tmp_path), "whole", np.uint32)  # the same sequences in one chunk, other dtype
+    for ids, labels in seqs:
+        one.add(ids, labels)
+    assert data_fingerprint(1, [one.finish({})]) == t.fingerprint()  # identity of the content, not the layout
     for i in range(5):
         assert np.array_equal(t.seq(i)[0], seqs[i][0]) and np.array_equal(t.seq(i)[1], seqs[i][1])
     assert t.seq_targets().tolist() == [int((l[1:] != IGNORE_INDEX).sum()) for _, l in seqs]
+    assert t.unit_lengths().tolist() == [len(i) for i, _ in seqs]
 
 
 def test_gradient_checkpointing_switch_keeps_loss_and_gradients(tiny_model_dir):

@@ -318,3 +318,32 @@ def test_tokenizer_hash_ignores_truncation_and_padding_state(tokenizer):
     tok.pad_token = tok.eos_token
     tok(["the quick brown fox"], truncation=True, max_length=2, padding="max_length")
     assert tokenizer_hash(tok) == before == tokenizer_hash(tok.backend_tokenizer)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_dataset_folder_prepares_like_its_files(tmp_path, tokenizer, streaming, monkeypatch):
+    """A local folder laid out as a hub dataset repository (parquet files under data/, a dataset card
+    naming the splits) goes through datasets.load_dataset, as a hub id does; streamed, each of the
+    stream's files is one unit. Either way the documents come out in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    parts = [_docs(9, 11), _docs(6, 12)]
+    for i, docs in enumerate(parts):
+        pq.write_table(pa.table({"content": docs}), repo / "data" / f"train-0000{i}-of-00002.parquet")
+    pq.write_table(pa.table({"content": _docs(3, 13)}), repo / "data" / "test-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/train-*.parquet\n  - split: test\n    path: data/test-*.parquet\n---\n")
+    out = str(tmp_path / "out")
+    m = prepare_corpus([str(repo)], tokenizer, out, text_field="content", docs_per_shard=4, num_workers=2,
+                       progress=False, hub={"split": "train", "streaming": streaming})
+    shards = TokenShards(out, expected_tokenizer_hash=tokenizer_hash(tokenizer))
+    assert _decode_docs(shards, tokenizer) == parts[0] + parts[1]
+    assert len(m.shards) == (2 if streaming else 4) and m.total_docs == 15 and m.bad_rows == 0
+    again = prepare_corpus([str(repo)], tokenizer, out, text_field="content", docs_per_shard=4, num_workers=2,
+                           progress=False, hub={"split": "train", "streaming": streaming})
+    assert again.input_fingerprint == m.input_fingerprint  # a rerun is a no-op

@@ -26,54 +26,84 @@ def pack_next_fit(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[
     Next-fit keeps the shuffled order (so the data order stays a function of the seed) and
     wastes little: rows fill to max_len minus less than one sample.
     """
-    rows, row, used = [], [], 0
-    for u in order.tolist():
-        n = int(lengths[u])
-        if row and used + n > max_len:
-            rows.append(row)
-            row, used = [], 0
-        row.append(u)
-        used += n
-    if row:
-        rows.append(row)
-    return rows
+    bounds = next_fit_bounds(np.asarray(lengths)[np.asarray(order, dtype=np.int64)], max_len)
+    units = np.asarray(order).tolist()
+    return [units[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def next_fit_bounds(lengths_in_order: np.ndarray, max_len: int) -> np.ndarray:
+    """Row boundaries of next-fit packing: row k holds positions [bounds[k], bounds[k+1]) of the order.
+
+    A row starting at s takes the longest run s..e-1 whose lengths sum to <= max_len (at least one
+    unit): a binary search on the cumulative lengths, so the Python loop runs once per row, not per unit.
+    """
+    cum = np.concatenate([[0], np.cumsum(lengths_in_order, dtype=np.int64)])  # (n + 1,)
+    n, bounds, s = len(lengths_in_order), [0], 0
+    while s < n:
+        e = int(np.searchsorted(cum, cum[s] + max_len, side="right")) - 1
+        s = max(e, s + 1)
+        bounds.append(s)
+    return np.asarray(bounds, dtype=np.int64)
 
 
 class RowStream:
-    """Epoch-by-epoch shuffled (and packed) rows of unit indices, addressable by position."""
+    """Epoch-by-epoch shuffled (and packed) rows of unit indices, addressable by position.
+
+    Memory: per epoch kept (the current one and the one before), the permutation (4 bytes per
+    unit) and, with packing, the row boundaries (8 bytes per row): numpy arrays, not Python lists.
+    """
 
     def __init__(self, lengths: np.ndarray, seed: int, packing: bool, max_len: int, shuffle: bool = True):
         if len(lengths) == 0:
             raise ValueError("no training samples left after filtering; check data.train and the bad-row report")
         self.lengths, self.seed, self.packing, self.max_len, self.shuffle = lengths, seed, packing, max_len, shuffle
-        self._epochs: dict[int, list[list[int]]] = {}
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> (order, row bounds)
         self._starts = [0]  # _starts[e] = first global row index of epoch e
 
-    def epoch_rows(self, epoch: int) -> list[list[int]]:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._epochs:
             n = len(self.lengths)
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            rows = pack_next_fit(order, self.lengths, self.max_len) if self.packing else [[u] for u in order.tolist()]
+            order = order.astype(np.int32 if n < 2**31 else np.int64)
+            bounds = next_fit_bounds(self.lengths[order], self.max_len) if self.packing else None
             self._epochs = {k: v for k, v in self._epochs.items() if k >= epoch - 1}  # keep memory bounded
-            self._epochs[epoch] = rows
+            self._epochs[epoch] = (order, bounds)
         return self._epochs[epoch]
 
+    def _num_rows(self, epoch: int) -> int:
+        order, bounds = self._epoch(epoch)
+        return len(order) if bounds is None else len(bounds) - 1
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        return self._slice(epoch, 0, self._num_rows(epoch))
+
+    def _slice(self, epoch: int, a: int, b: int) -> list[list[int]]:
+        """Rows [a, b) of an epoch as lists of unit ids (only what one step needs is materialised)."""
+        order, bounds = self._epoch(epoch)
+        if bounds is None:
+            return [[u] for u in order[a:b].tolist()]
+        cuts = bounds[a: b + 1]
+        units = order[cuts[0]: cuts[-1]].tolist() if len(cuts) else []
+        base = int(cuts[0]) if len(cuts) else 0
+        return [units[x - base: y - base] for x, y in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
+
     def rows(self, start: int, count: int) -> list[list[int]]:
-        out = []
-        while len(self._starts) <= 1 or self._starts[-1] <= start + count:
+        while self._starts[-1] <= start + count:
             e = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self.epoch_rows(e)))
-        pos = start
+            self._starts.append(self._starts[-1] + self._num_rows(e))
+        out, pos = [], start
         while len(out) < count:
-            e = max(i for i, s in enumerate(self._starts[:-1]) if s <= pos)
-            rows = self.epoch_rows(e)
-            take = rows[pos - self._starts[e]: pos - self._starts[e] + count - len(out)]
+            e = self.epoch_of(pos)
+            local = pos - self._starts[e]
+            take = self._slice(e, local, min(local + count - len(out), self._starts[e + 1] - self._starts[e]))
             out.extend(take)
             pos += len(take)
         return out
 
     def epoch_of(self, pos: int) -> int:
-        return max(i for i, s in enumerate(self._starts[:-1]) if s <= pos) if len(self._starts) > 1 else 0
+        if len(self._starts) <= 1:
+            return 0
+        return int(np.searchsorted(np.asarray(self._starts[:-1]), pos, side="right")) - 1
 
 
 @dataclass

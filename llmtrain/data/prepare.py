@@ -9,6 +9,11 @@ Sources are file paths, globs, or saved HF dataset directories:
   *.json           a JSON array of objects (loaded whole: prefer .jsonl for big data) or JSON lines.
   *.parquet        column `text_field`, read by row group.
   dataset dir      `datasets.save_to_disk` output (a DatasetDict uses its "train" split).
+  hub dataset      a hub id (owner/name) or a local folder laid out as a hub dataset repository,
+                   read with `datasets.load_dataset` (hub options: name, split, revision). With
+                   streaming, rows are streamed (nothing is downloaded first) and each of the
+                   stream's shards (data files) is one unit, tokenized by one worker into one shard;
+                   pin `revision` so that a resumed or repeated preparation reads the same files.
 
 Each work unit (source file, chunk of rows) is tokenized in a spawned worker process and written
 as one shard: temp names, then os.replace, sidecar last. A rerun skips units whose sidecar
@@ -20,6 +25,7 @@ string inside a document is encoded as plain text), plus EOS after each document
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -49,8 +55,8 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class _Source:
-    kind: str  # "txt" | "jsonl" | "json" | "parquet" | "hf"
-    paths: tuple[str, ...]  # several only for a group of .txt files
+    kind: str  # "txt" | "jsonl" | "json" | "parquet" | "hf" | "hub" | "hubstream"
+    paths: tuple[str, ...]  # several only for a group of .txt files; a hub id or folder for hub kinds
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,21 @@ def _kind_of(path: str) -> str:
     return kinds[ext]
 
 
-def _expand_sources(sources: list[str]) -> list[_Source]:
+def _is_hub_spec(spec: str, hub: dict | None) -> bool:
+    from llmtrain.config import SourceConfig
+    from llmtrain.data.sources import is_hub
+
+    return is_hub(SourceConfig(spec, name=(hub or {}).get("name")))
+
+
+def _expand_sources(sources: list[str], hub: dict | None = None) -> list[_Source]:
     if isinstance(sources, str):
         sources = [sources]
     out: list[_Source] = []
     for spec in sources:
+        if _is_hub_spec(spec, hub):
+            out.append(_Source("hubstream" if (hub or {}).get("streaming") else "hub", (spec,)))
+            continue
         paths = [spec] if os.path.exists(spec) else sorted(glob.glob(spec, recursive=True))
         if not paths:
             raise CorpusError(f"data source '{spec}' matches no file or directory; check the "
@@ -104,6 +120,33 @@ def _stamp(path: str) -> list:
                 for d, _, fs in sorted(os.walk(path)) for f in sorted(fs)]
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
+
+
+def _stamp_of(path: str, kind: str, hub: dict | None) -> list:
+    """_stamp for files and dataset dirs; for hub sources what identifies their rows."""
+    if kind not in ("hub", "hubstream"):
+        return _stamp(path)
+    local = _stamp(path) if os.path.isdir(path) else []
+    if kind == "hub":
+        return [local, getattr(_load_hub(path, _hub_key(hub)), "_fingerprint", None)]
+    return [local, _load_hub(path, _hub_key(hub), streaming=True).n_shards]  # no content hash without reading it
+
+
+def _hub_key(hub: dict | None) -> tuple:
+    hub = hub or {}
+    return hub.get("name"), hub.get("split") or "train", hub.get("revision")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hub(path: str, key: tuple, streaming: bool = False):
+    import datasets
+
+    name, split, revision = key
+    try:
+        return datasets.load_dataset(path, name=name, split=split, revision=revision, streaming=streaming)
+    except Exception as e:  # unknown id, subset or split; no network
+        raise CorpusError(f"cannot load dataset {path!r} (name={name}, split={split}, revision={revision}, "
+                          f"streaming={streaming}) with datasets.load_dataset: {' '.join(str(e).split())[:400]}") from None
 
 
 def _load_hf(path: str):
@@ -141,7 +184,7 @@ def _rows_per_unit(docs_per_shard, tokens_per_shard, total_bytes: int, rows: int
     return max(1, int(tokens_per_shard * EST_BYTES_PER_TOKEN / bytes_per_row))
 
 
-def _plan(src: _Source, text_field: str, docs_per_shard, tokens_per_shard) -> list[_Unit]:
+def _plan(src: _Source, text_field: str, docs_per_shard, tokens_per_shard, hub=None) -> list[_Unit]:
     path = src.paths[0]
     if src.kind == "txt":
         if tokens_per_shard is None:
@@ -173,8 +216,11 @@ def _plan(src: _Source, text_field: str, docs_per_shard, tokens_per_shard) -> li
             raise CorpusError(f"{path} has no column '{text_field}' (columns: {md.schema.names}); "
                               f"set text_field / data.text_field")
         rows, nbytes = md.num_rows, os.path.getsize(path) * 3  # ~3x: compressed on disk
+    elif src.kind == "hubstream":  # one unit per stream shard (data file): row counts are unknown up front
+        n = _load_hub(path, _hub_key(hub), streaming=True).n_shards
+        return [_Unit("hubstream", src.paths, i, i + 1) for i in range(n)]
     else:
-        ds = _load_hf(path)
+        ds = _load_hf(path) if src.kind == "hf" else _load_hub(path, _hub_key(hub))
         if text_field not in ds.column_names:
             raise CorpusError(f"{path} has no column '{text_field}' (columns: {ds.column_names}); "
                               f"set text_field / data.text_field")
@@ -191,7 +237,8 @@ def _is_json_array(path: str) -> bool:
 
 def _name_unit(u: _Unit, settings: dict) -> _Unit:
     key = json.dumps({"v": FORMAT_VERSION, "kind": u.kind, "rows": [u.row_start, u.row_stop],
-                      "files": [[p, _stamp(p)] for p in u.paths], **settings}, sort_keys=True)
+                      "files": [[p, _stamp_of(p, u.kind, settings.get("hub"))] for p in u.paths], **settings},
+                     sort_keys=True)
     fp = hashlib.sha256(key.encode()).hexdigest()
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in
                    os.path.splitext(os.path.basename(u.paths[0].rstrip("/")))[0])[:40]
@@ -303,8 +350,22 @@ def _read_hf(u: _Unit, cfg: dict):
         yield from _column_rows(ds[a:min(a + 1000, u.row_stop)][field], u.paths[0], a, field)
 
 
+def _read_hub(u: _Unit, cfg: dict):
+    ds, field = _load_hub(u.paths[0], _hub_key(cfg.get("hub"))), cfg["text_field"]
+    where = f"{u.paths[0]}:{_hub_key(cfg.get('hub'))[1]}"
+    for a in range(u.row_start, u.row_stop, 1000):
+        yield from _column_rows(ds[a:min(a + 1000, u.row_stop)][field], where, a, field)
+
+
+def _read_hubstream(u: _Unit, cfg: dict):
+    stream = _load_hub(u.paths[0], _hub_key(cfg.get("hub")), streaming=True)
+    shard = stream.shard(num_shards=stream.n_shards, index=u.row_start)
+    for j, obj in enumerate(shard):
+        yield _row_from_obj(obj, f"{u.paths[0]}[stream shard {u.row_start}, row {j}]", cfg["text_field"])
+
+
 _READERS = {"txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json,
-            "parquet": _read_parquet, "hf": _read_hf}
+            "parquet": _read_parquet, "hf": _read_hf, "hub": _read_hub, "hubstream": _read_hubstream}
 
 # --- tokenizing and writing (worker side) ---
 _W: dict = {}  # per-process worker state, set by _init_worker
@@ -466,7 +527,7 @@ def prepare_corpus(sources: list[str], tokenizer, out_dir: str, *, text_field: s
                    num_workers: int = 2, docs_per_shard: int | None = None,
                    tokens_per_shard: int | None = None, max_bad_fraction: float = 0.001,
                    max_txt_doc_bytes: int = 64 << 20, eos_token_id: int | None = None,
-                   progress: bool = True) -> Manifest:
+                   progress: bool = True, hub: dict | None = None) -> Manifest:
     """Tokenize `sources` into shards under `out_dir` and return the manifest.
 
     num_workers: tokenizer processes (<= 1: in this process).
@@ -476,20 +537,25 @@ def prepare_corpus(sources: list[str], tokenizer, out_dir: str, *, text_field: s
         is skipped and counted; more aborts with CorpusError. Empty rows and files are not bad.
     max_txt_doc_bytes: bytes; a larger .txt file is cut at line breaks into several documents.
     eos_token_id: overrides tokenizer.eos_token_id (needed for a bare tokenizers.Tokenizer).
+    hub: for sources that are hub datasets (an id or a hub-layout folder): {name, split, revision,
+        streaming} as load_dataset takes them (split defaults to train).
     """
     if docs_per_shard is not None and tokens_per_shard is not None:
         raise CorpusError("give docs_per_shard or tokens_per_shard, not both")
     tok_json, tok = _tokenizer_info(tokenizer, eos_token_id)
-    srcs = _expand_sources(sources)
+    srcs = _expand_sources(sources, hub)
     settings = {"text_field": text_field, "tokenizer": tok["sha256"], "eos": tok["eos_id"],
                 "dtype": tok["dtype"], "max_txt_doc_bytes": max_txt_doc_bytes}
+    if any(s.kind in ("hub", "hubstream") for s in srcs):
+        settings["hub"] = {k: (hub or {}).get(k) for k in ("name", "split", "revision", "streaming")}
+    kinds = {p: s.kind for s in srcs for p in s.paths}
     files = [p for s in srcs for p in s.paths]
     if len(set(files)) != len(files):
         dup = next(p for p in files if files.count(p) > 1)
         raise CorpusError(f"source file {dup} is matched twice by {sources}; list it once "
                           f"(to upweight a source, give it a mixing weight instead)")
     fingerprint = hashlib.sha256(json.dumps(
-        [settings, docs_per_shard, tokens_per_shard, [[p, _stamp(p)] for p in files]],
+        [settings, docs_per_shard, tokens_per_shard, [[p, _stamp_of(p, kinds[p], hub)] for p in files]],
         sort_keys=True).encode()).hexdigest()
     if (m := _manifest_if_current(out_dir, fingerprint)) is not None:
         print(f"[prepare] {out_dir} is up to date ({len(m.shards)} shards, {m.total_tokens:,} "
@@ -503,7 +569,7 @@ def prepare_corpus(sources: list[str], tokenizer, out_dir: str, *, text_field: s
     for p in empty_files:
         log.warning("empty file skipped: %s", p)
     units = [_name_unit(u, settings)
-             for s in srcs for u in _plan(s, text_field, docs_per_shard, tokens_per_shard)]
+             for s in srcs for u in _plan(s, text_field, docs_per_shard, tokens_per_shard, hub)]
     done = {u.name: side for u in units if (side := _done_sidecar(u, out_dir)) is not None}
     todo = [u for u in units if u.name not in done]
     print(f"[prepare] {len(units)} shards: {len(done)} already done, {len(todo)} to tokenize "

@@ -265,22 +265,49 @@ def prepare_recipe(cfg: Config, num_workers: int, docs_per_shard: Optional[int] 
                 print(f"[prepare] {key}[{i}]: {src.path} is prepared ({shards.num_tokens:,} tokens), no prepare_from")
                 continue
             print(f"[prepare] {key}[{i}]: {src.prepare_from} -> {src.path}")
+            hub = {"name": src.name, "split": src.split, "revision": src.revision, "streaming": src.streaming}
             try:
-                prepare_corpus(_raw_inputs(src, key, i), tokenizer, src.path, text_field=src.text_field,
-                               num_workers=num_workers, docs_per_shard=docs_per_shard,
-                               tokens_per_shard=tokens_per_shard, max_bad_fraction=cfg.data.max_bad_fraction,
-                               progress=progress)
+                prepare_corpus(_raw_inputs(src, key, i), tokenizer, src.path,
+                               text_field=(src.columns or {}).get("text", src.text_field), num_workers=num_workers,
+                               docs_per_shard=docs_per_shard, tokens_per_shard=tokens_per_shard,
+                               max_bad_fraction=cfg.data.max_bad_fraction, progress=progress, hub=hub)
             except (CorpusError, ShardError) as e:
                 raise DataError(f"{key}[{i}]: {e}") from None
             open_shards(src, key, i, shard_hash)  # what training will open: sizes and tokenizer
 
 
+def prepare_chat_recipe(cfg: Config, task: str, num_workers: int) -> None:
+    """SFT/DPO: prepare data.train and data.eval into data.cache_dir exactly as a training run would
+    (same key: the run then starts from it), here in one process with num_workers tokenizer workers."""
+    from ..models import load_tokenizer
+    from ..models import tokenizer_hash as run_tokenizer_hash  # the run's identity hash (template included)
+    from ..tasks import prepare_request
+    from .prepare_samples import TooManyBadRows, prepared_split
+
+    tokenizer = load_tokenizer(cfg)
+    for key in ("data.train", "data.eval"):
+        if not sources(cfg, key):
+            continue
+        request = prepare_request(cfg, run_tokenizer_hash(tokenizer), key, task)
+        request.workers = num_workers
+        try:
+            samples, report = prepared_split(request, tokenizer)
+        except TooManyBadRows as e:
+            raise DataError(f"{key}: {e.report.summary()} — above data.max_bad_fraction={cfg.data.max_bad_fraction}")
+        print(f"[prepare] {key}: {len(samples):,} {'pairs' if task == 'dpo' else 'samples'} in {samples.dir} "
+              f"({report.summary()})")
+
+
 def prepare_main(argv: Optional[list[str]] = None) -> int:
     from ..config import load_config
 
-    p = argparse.ArgumentParser(description="Tokenize a recipe's raw corpora (data.*[].prepare_from) into token "
-                                            "shards at data.*[].path. Resumable; a rerun on the same input is a no-op.")
+    p = argparse.ArgumentParser(description="Tokenize a recipe's data once, before training. Pretraining: raw corpora "
+                                            "(data.*[].prepare_from) into token shards at data.*[].path; SFT/DPO "
+                                            "(--task): data.train/data.eval into data.cache_dir, where runs find it. "
+                                            "Resumable; a rerun on the same input is a no-op.")
     p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
+    p.add_argument("--task", choices=["pretrain", "sft", "dpo"], default="pretrain",
+                   help="the recipe's task (default pretrain)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="tokenizer processes (default: CPU cores - 1)")
     g = p.add_mutually_exclusive_group()
@@ -290,8 +317,11 @@ def prepare_main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
-        prepare_recipe(cfg, args.workers, args.docs_per_shard, args.tokens_per_shard,
-                       progress=cfg.logging.progress)
+        if args.task != "pretrain":
+            prepare_chat_recipe(cfg, args.task, args.workers)
+        else:
+            prepare_recipe(cfg, args.workers, args.docs_per_shard, args.tokens_per_shard,
+                           progress=cfg.logging.progress)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -13,14 +13,12 @@ import numpy as np
 
 from ..config import SourceConfig
 from .chat import DEFAULT_OPTIONS, IGNORE_INDEX, ChatOptions, RowError, row_tools, to_messages, tokenize_chat
-from .sources import BadRow, BadRowReport, Row, expand, read_rows
+from .sources import BadRow, BadRowReport, Row, SplitReader
 
 
 def iter_rows(srcs: list[SourceConfig], key: str) -> Iterator[tuple[Union[Row, BadRow], SourceConfig]]:
-    for src in srcs:
-        for path in expand(src.path, key):
-            for row in read_rows(path):
-                yield row, src
+    """Every row of every source in order, in this process (training reads prepared chunks instead)."""
+    yield from SplitReader(srcs, key).rows()
 
 
 def encode_row(tokenizer, record: dict, fmt: str, max_seq_len: int, truncation: str, *,
@@ -56,7 +54,9 @@ def encoded_rows(srcs: list[SourceConfig], key: str, report: BadRowReport, encod
 
 def build_sft_samples(tokenizer, srcs: list[SourceConfig], max_seq_len: int, truncation: str, key: str,
                       report: BadRowReport, chat: ChatOptions = DEFAULT_OPTIONS):
-    """Tokenize every row; malformed rows go to `report` with their file:line."""
+    """Tokenize every row in this process, into memory (small sets, tests); malformed rows go to
+    `report` with their file:line. Training prepares the same samples in parallel chunks on disk
+    (llmtrain.data.prepare_samples), in the same order."""
     from .samples import SampleSet
 
     def sequences():
@@ -72,15 +72,11 @@ def build_sft_samples(tokenizer, srcs: list[SourceConfig], max_seq_len: int, tru
 
 
 def split_eval(samples, fraction: float, seed: int):
-    """Hold out a seeded `fraction` of units for eval (data.eval_fraction)."""
-    from .samples import SampleSet
-
+    """Hold out a seeded `fraction` of units for eval (data.eval_fraction): two views of `samples`
+    (no copy), each in the original order."""
     n = len(samples)
     order = np.random.default_rng(seed).permutation(n)
     n_eval = max(1, int(round(n * fraction)))
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-
-    def subset(idx):
-        return SampleSet.from_sequences((s for i in idx for s in samples.unit(i)), samples.seqs_per_unit)
-
-    return subset(train_idx), subset(eval_idx)
+    eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    tag = f"eval_fraction={fraction},seed={seed}"
+    return samples.subset(train_idx, f"train|{tag}"), samples.subset(eval_idx, f"eval|{tag}")

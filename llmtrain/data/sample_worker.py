@@ -1,0 +1,98 @@
+"""What a tokenizer worker process does: read one chunk of rows, encode each into sequences, write
+the chunk (llmtrain.data.prepare_samples hands out the chunks)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .samples import ChunkWriter
+from .sources import BadRow, Chunk, SplitReader
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How rows become sequences: data.sft.encode_row (SFT) or data.preference.encode_pair (DPO).
+    `options` are extra keyword arguments for them (sorted (name, value) pairs; part of the cache key)."""
+
+    kind: str  # "sft" | "dpo"
+    max_seq_len: int
+    truncation: str = "truncate"
+    max_prompt_len: int = 1024
+    options: tuple = ()
+
+    @property
+    def seqs_per_unit(self) -> int:
+        return 2 if self.kind == "dpo" else 1
+
+    def encode(self, tokenizer, record: dict, fmt: str) -> Optional[list]:
+        """-> [(ids, labels), ...] (one unit), None when dropped for length; RowError when malformed."""
+        if self.kind == "dpo":
+            from .preference import encode_pair
+
+            return encode_pair(tokenizer, record, self.max_seq_len, self.max_prompt_len, **dict(self.options))
+        from .sft import encode_row
+
+        enc = encode_row(tokenizer, record, fmt, self.max_seq_len, self.truncation, **dict(self.options))
+        return None if enc is None else [enc]
+
+
+
+_W: dict = {}  # per-process state, set by _init_worker
+
+
+def init_worker(tokenizer, reader: SplitReader, spec: EncodeSpec, directory: str, dtype: str,
+                 in_subprocess: bool) -> None:
+    if in_subprocess:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+        _die_with_parent()
+    _W.update(tok=tokenizer, reader=reader, spec=spec, dir=directory, dtype=np.dtype(dtype))
+
+
+def _die_with_parent() -> None:
+    """A worker of a rank that is SIGKILLed must not tokenize on as an orphan (Linux PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+
+
+def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
+    """Read, encode and write one chunk; returns its sidecar. Malformed rows are listed, in row order."""
+    from .chat import RowError
+
+    reader, spec, tok = _W["reader"], _W["spec"], _W["tok"]
+    fmt = reader.srcs[chunk.source].format
+    writer = ChunkWriter(_W["dir"], chunk_name(index), _W["dtype"])
+    rows, bad, dropped = 0, [], 0
+    try:
+        time.sleep(delay_s)  # test hook only (TEST_DELAY_ENV)
+        for row in reader.read(chunk):
+            rows += 1
+            if isinstance(row, BadRow):
+                bad.append([row.origin, row.reason])
+                continue
+            try:
+                seqs = spec.encode(tok, row.record, fmt)
+            except RowError as e:
+                bad.append([row.origin, str(e)])
+                continue
+            if seqs is None:
+                dropped += 1
+                continue
+            for ids, labels in seqs:
+                writer.add(ids, labels)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish({"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start,
+                          "bad": bad, "dropped_too_long": dropped})
+
+
+def chunk_name(index: int) -> str:
+    return f"c{index:07d}"
