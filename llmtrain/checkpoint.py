@@ -254,7 +254,8 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int) -> None:
         if export.get("merge"):
             from .lora import merge_into_base
 
-            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"])
+            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"],
+                            trust_remote_code=export.get("trust_remote_code", False))  # revision: in adapter_config.json
         if os.path.isdir(out_dir):
             old = out_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
