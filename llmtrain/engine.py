@@ -300,6 +300,15 @@ def _note(changes: list[str], key: str, old: float, new: float) -> None:
         changes.append(f"{key} {_fmt(float(old))} -> {_fmt(float(new))}")
 
 
+def accumulation_note(engine, t: TrainConfig, precision: str) -> str:
+    """' (gradients accumulated in fp32)' for the startup line: DeepSpeed's own resolution of
+    data_types.grad_accum_dtype, shown when bf16 gradients are summed over micro-batches."""
+    if precision != "bf16" or t.grad_accum == 1:
+        return ""
+    dtype = engine.get_data_types()[1]
+    return f" (gradients accumulated in {'fp32' if dtype == torch.float32 else 'bf16'})"
+
+
 def loss_scale(engine) -> Optional[float]:
     """fp16's current dynamic loss scale (None without fp16): ZeRO optimizers expose cur_scale,
     DeepSpeed's ZeRO-0 fp16 optimizers keep it in loss_scale_config."""

@@ -151,7 +151,8 @@ def setup(cfg: Config, task) -> Run:
     stage = eng.zero_stage(ds_config)
     dist.print0(
         f"llmtrain {task.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{stage}, {precision}, params {total:,} ({trainable:,} trainable), "
+        f"ZeRO-{stage}, {precision}{eng.accumulation_note(engine, cfg.train, precision)}, "
+        f"params {total:,} ({trainable:,} trainable), "
         f"global batch {cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
     )
