@@ -161,7 +161,7 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     except Exception as e:
         from .models import _load_error
 
-        raise _load_error("--base", base, e) from None
+        raise _load_error("--base", base, e, "--trust-remote-code (model.trust_remote_code=true in a run)") from None
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as e:

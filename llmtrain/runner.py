@@ -162,18 +162,27 @@ def setup(cfg: Config, task) -> Run:
     if hasattr(task, "prepare"):
         task.prepare(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
-        saved = checkpoint.load(engine, resume_path)
-        check_resume_identity(cfg, saved, run.trainer_state())
-        data.load_state_dict(saved["data"])
-        state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
-        state.skipped_steps = saved.get("skipped_steps", 0)
-        state.consecutive_skips = saved.get("consecutive_skips", 0)
-        dist.print0(f"resumed from {resume_path} at step {state.step}")
-        changes = eng.apply_train_settings(engine, cfg.train)  # the recipe's schedule, not the checkpoint's
-        if changes:
-            dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
+        resume(run, resume_path)
     run.logger = make_logger(cfg, info.is_main, state.step)
     return run
+
+
+def resume(run: Run, resume_path: str) -> None:
+    """Model, optimizer, scheduler, RNG, data position and counters from the checkpoint; then the
+    recipe's schedule and optimizer settings, which may differ from the checkpoint's."""
+    from . import engine as eng
+
+    cfg, state = run.cfg, run.state
+    saved = checkpoint.load(run.engine, resume_path)
+    check_resume_identity(cfg, saved, run.trainer_state())
+    run.data.load_state_dict(saved["data"])
+    state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+    state.skipped_steps = saved.get("skipped_steps", 0)
+    state.consecutive_skips = saved.get("consecutive_skips", 0)
+    dist.print0(f"resumed from {resume_path} at step {state.step}")
+    changes = eng.apply_train_settings(run.engine, cfg.train)
+    if changes:
+        dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
 
 
 def run_task(cfg: Config, task) -> Run:
