@@ -1,7 +1,9 @@
 """Merge a LoRA/DoRA adapter into its base model and write a full safetensors model directory.
 
   python launch/export.py --adapter runs/my-lora/final --out runs/my-lora/merged [--base PATH] [--dtype auto]
-The base is read from the adapter's adapter_config.json unless --base is given. The result loads
+                          [--revision REV] [--trust-remote-code]
+The base (and its hub revision) is read from the adapter's adapter_config.json unless --base
+(--revision) is given; --trust-remote-code runs model code shipped with the base. The result loads
 with AutoModelForCausalLM.from_pretrained and gives the base+adapter logits. One process, CPU is fine.
 """
 import argparse
@@ -23,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory to write the merged model to (replaced if it exists)")
     p.add_argument("--base", default=None, help="base model directory or hub id (default: from adapter_config.json)")
     p.add_argument("--dtype", default="auto", choices=_DTYPES, help="dtype of the merged weights (auto: the base's)")
+    p.add_argument("--revision", default=None, help="hub revision of the base (default: the one adapter_config.json records)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the base (only if you trust it)")
     args = p.parse_args(argv)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if os.path.abspath(args.out) == os.path.abspath(args.adapter):
@@ -31,7 +35,8 @@ def main(argv=None) -> int:
     from llmtrain.lora import merge_into_base
 
     try:
-        out = merge_into_base(args.adapter, args.out, base=args.base, dtype=dtype)
+        out = merge_into_base(args.adapter, args.out, base=args.base, dtype=dtype, revision=args.revision,
+                              trust_remote_code=args.trust_remote_code)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -85,7 +85,7 @@ class TrainConfig:
     lr: float = 1e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # final LR as a fraction of `lr` (cosine / linear schedules)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
-    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to `lr`
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to `lr` (above max_steps: clamped to it, with a notice)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     adam_beta1: float = 0.9  # AdamW first-moment decay
     adam_beta2: float = 0.95  # AdamW second-moment decay
@@ -143,6 +143,10 @@ class DPOConfig:
     precompute_ref: bool = False  # compute reference log-probs once before training (no ref model in memory)
     # RPO (Pang 2024; TRL rpo_alpha): add nll_weight x the chosen response's per-token NLL to the loss
     nll_weight: float = 0.0
+    # dropout off in the policy (the reference always runs in eval mode): DPO compares log-probs of
+    # policy and reference on the same sequences, and dropout noise in one of them biases the margin
+    # (and breaks loss = ln 2 at step 0). LoRA adapter dropout (lora.dropout) is kept.
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -174,6 +178,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # where each key came from ("recipe.yaml:12" or "override"), for error messages
     origins: dict = field(default_factory=dict, repr=False, compare=False)
+    # one-line notices about values adjusted while loading (printed once by rank 0 at startup)
+    notices: list = field(default_factory=list, repr=False, compare=False)
 
     def where(self, key: str) -> str:
         return self.origins.get(key, key)
@@ -227,7 +233,7 @@ def _section_types(cls=Config, prefix="") -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        if f.name == "origins":
+        if f.name in ("origins", "notices"):
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -384,7 +390,12 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum >= 1, cfg, "train.grad_accum", "must be >= 1")
     _require(t.lr > 0, cfg, "train.lr", "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, cfg, "train.min_lr_ratio", "must be in [0, 1]")
-    _require(0 <= t.warmup_steps <= t.max_steps, cfg, "train.warmup_steps", "must be in [0, train.max_steps]")
+    _require(t.warmup_steps >= 0, cfg, "train.warmup_steps", "must be >= 0")
+    if t.warmup_steps > t.max_steps:
+        # a quick `train.max_steps=4` smoke run of a recipe with a longer warmup should just work
+        cfg.notices.append(f"notice: train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}; "
+                           f"warmup clamped to {t.max_steps} steps")
+        t.warmup_steps = t.max_steps
     _require(t.max_grad_norm >= 0, cfg, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     _require(t.save_every >= 0, cfg, "train.save_every", "must be >= 0 (0 = only at the end)")
     _require(t.eval_every >= 0, cfg, "train.eval_every", "must be >= 0 (0 = never)")
@@ -500,6 +511,7 @@ def _check_source(src: SourceConfig, where: str) -> None:
 def to_dict(cfg: Config) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("origins", None)
+    d.pop("notices", None)
     return d
 
 

@@ -144,10 +144,25 @@ def host_name() -> str:
     return socket.gethostname().split(".")[0]
 
 
+# rank variables of each launcher, in order of trust: RANK (torchrun, deepspeed, and ours after
+# init) first; SLURM_PROCID last, since mpirun inside an allocation leaves it 0 on every rank
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def launcher_rank() -> int:
+    """This process's global rank as its launcher announced it; usable before torch.distributed
+    is up (e.g. for a config error) and under every launcher: mpirun sets no RANK until init."""
+    for key in _RANK_VARS:
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def fail(message: str) -> LaunchError:
-    """A LaunchError that every rank reports: runner.main prints rank 0's line (RANK=0 or unset),
-    so the other ranks print theirs here; each line names its rank and host."""
-    if os.environ.get("RANK", "0") != "0":
+    """A LaunchError that every rank reports: runner.main prints rank 0's line, so the other
+    ranks print theirs here; each line names its rank and host."""
+    if launcher_rank() != 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     return LaunchError(message)
 
@@ -322,11 +337,13 @@ def init(timeout_minutes: float = 30.0, backend: str = "auto") -> DistInfo:
 def is_main() -> bool:
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return launcher_rank() == 0
 
 
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (all ranks when torch.distributed is not up yet)."""
+    """print on rank 0 only (before torch.distributed is up: the launcher's rank 0)."""
     if is_main():
         print(*args, **kwargs, flush=True)
 

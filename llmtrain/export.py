@@ -72,7 +72,8 @@ def _write_final(model, tokenizer, state_dict, out_dir: str, lora: bool, step: O
         if export.get("merge"):
             from .lora import merge_into_base
 
-            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"])
+            merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"],
+                            trust_remote_code=export.get("trust_remote_code", False))  # revision: in adapter_config.json
         if step is not None:
             write_atomic(os.path.join(tmp, FINAL_STATE), json.dumps({"step": step}))
     except BaseException as e:

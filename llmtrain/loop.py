@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint, dist
+from .engine import loss_scale
 from .flops import flops_per_token, peak_flops, throughput_columns
 from .metrics import Throughput
 from .signals import Preempted, StopFlag
@@ -39,8 +40,8 @@ def _inject_fault(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 
 
 def _nonfinite_grads(engine, device: torch.device) -> bool:
-    """ZeRO-0 has no overflow check of its own: True on every rank if any rank's reduced
-    gradients hold inf/NaN. One all-reduce (and one sync) per step, ZeRO-0 only."""
+    """ZeRO-0 (fp32/bf16) has no overflow check of its own: True on every rank if any rank's
+    reduced gradients hold inf/NaN. One all-reduce (and one sync) per step, ZeRO-0 only."""
     flags = [(~torch.isfinite(p.grad)).any() for p in engine.module.parameters() if p.grad is not None]
     bad = torch.stack(flags).sum().float() if flags else torch.zeros((), device=device)
     return bool(dist.all_reduce_sum(bad).item() > 0)
@@ -135,9 +136,14 @@ def train_loop(run) -> RunState:
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
 
+    # ZeRO-0 (fp32/bf16) has no overflow check of its own. fp16 is refused under ZeRO-0 (see
+    # engine.build_ds_config); under ZeRO 1-3 DeepSpeed's fp16 optimizer checks for inf/NaN, skips
+    # the update and lowers the loss scale itself (counted in engine.skipped_steps)
+    own_skip_check = run.stage == 0
     prefetch = Prefetcher(data, t.max_steps - state.step, pin=info.device.type == "cuda")
     while state.step < t.max_steps:
         plan, batches, run.data_state = prefetch.next()
+        lr_used = engine.get_lr()[0]  # the LR this step applies: the scheduler moves it on inside engine.step()
         # --- forward/backward ---
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
         metric_sums: dict[str, torch.Tensor] = {}
@@ -147,7 +153,7 @@ def train_loop(run) -> RunState:
             loss = _inject_fault(loss, state.step + 1, info.rank)
             engine.backward(loss * backward_scale)
             # --- optimizer step --- (DeepSpeed steps the optimizer and LR at the accumulation boundary)
-            stage0_skip = run.stage == 0 and i == len(batches) - 1 and _nonfinite_grads(engine, info.device)
+            stage0_skip = own_skip_check and i == len(batches) - 1 and _nonfinite_grads(engine, info.device)
             with _no_update(engine) if stage0_skip else contextlib.nullcontext():
                 engine.step()
             loss_sum += loss.detach().float()
@@ -180,13 +186,15 @@ def train_loop(run) -> RunState:
             row = {
                 "step": state.step,
                 "loss": packed[0],
-                "lr": engine.get_lr()[0],
+                "lr": lr_used,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": throughput.rate(),
                 "tokens_seen": state.tokens_seen,
                 "epoch": plan.epoch,
                 "elapsed_sec": time.perf_counter() - start_time,
             }
+            if run.precision == "fp16":
+                row["loss_scale"] = loss_scale(engine)  # after this step's update (halved on an overflow)
             row.update(throughput_columns(row["tokens_per_sec"], info.world_size, model_flops_per_token, peak))
             row.update({k: v / max(plan.global_weight, 1) for k, v in zip(names, packed[1:])})
             if not math.isfinite(row["loss"]):

@@ -59,6 +59,7 @@ def peft_config(cfg: Config):
         task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
         target_modules=lo.target_modules, modules_to_save=list(lo.modules_to_save) or None,
         use_dora=lo.use_dora, bias="none",
+        revision=cfg.model.revision,  # recorded in adapter_config.json: a merge loads this base revision (PEFT's convention)
     )
 
 
@@ -105,7 +106,7 @@ def apply_lora(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> torch
         # recomputation would drop the adapter gradients
         model.enable_input_require_grads()
     # read by export.export_hf, which sees only the engine
-    model.llmtrain_export = {"merge": lo.merge, "dtype": dtype}
+    model.llmtrain_export = {"merge": lo.merge, "dtype": dtype, "trust_remote_code": m.trust_remote_code}
     trainable, total = count_parameters(model)
     dist.print0(f"lora: r={lo.r} alpha={lo.alpha:g}{' DoRA' if lo.use_dora else ''}{' on a 4-bit base' if lo.qlora else ''}: "
                 f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
@@ -134,9 +135,12 @@ def save_adapter(model, state_dict: dict, out_dir: str) -> None:
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
 
 
-def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dtype=None) -> str:
-    """Load `base` (default: the adapter's base_model_name_or_path), apply the adapter, merge, and
-    write a full safetensors model (+ the adapter's tokenizer, else the base's) to out_dir."""
+def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dtype=None,
+                    revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """Load `base` (default: the adapter's base_model_name_or_path, at the revision its
+    adapter_config.json records), apply the adapter, merge, and write a full safetensors model
+    (+ the adapter's tokenizer, else the base's) to out_dir. `revision` overrides the recorded
+    one; `trust_remote_code` is needed for a base whose model code ships with it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,15 +148,20 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"--adapter: {adapter_dir} holds no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
     with open(cfg_path) as f:
-        base = base or json.load(f).get("base_model_name_or_path")
+        adapter_cfg = json.load(f)
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    base = base or recorded
     if not base:
         raise ConfigError(f"--adapter: {cfg_path} names no base model; pass --base PATH")
+    if revision is None and base == recorded:
+        revision = adapter_cfg.get("revision")  # the revision the adapter was trained on
+    load_args = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", **load_args)
     except Exception as e:
         from .models import _load_error
 
-        raise _load_error("--base", base, e) from None
+        raise _load_error("--base", base, e, "--trust-remote-code (model.trust_remote_code=true in a run)") from None
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -163,9 +172,10 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
-    tok_src = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base
+    own_tokenizer = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
+    tok_src, tok_args = (adapter_dir, {}) if own_tokenizer else (base, load_args)
     try:
-        AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tok_src, **tok_args).save_pretrained(tmp)
     except Exception:  # a base without tokenizer files: the weights are still the point
         pass
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -263,11 +263,12 @@ def packed_sequence_logps(
     -1 for padding. Equals ``sequence_logps`` on the same samples unpacked.
     """
     target = (labels != IGNORE_INDEX) & (seq_ids >= 0)
-    # (B, T) -> (B*T,) so index_add_ can scatter every position to its sample
+    # (B, T) -> (B*T,) so index_add_ can scatter every position to its sample; non-target positions
+    # go to an extra slot num_seqs that is dropped (so num_seqs = 0, a padding batch, works too)
     values = torch.where(target, token_logps, torch.zeros_like(token_logps)).reshape(-1)
-    index = torch.where(target, seq_ids, torch.zeros_like(seq_ids)).reshape(-1)
-    out = token_logps.new_zeros(num_seqs)
-    return out.index_add(0, index, values)
+    index = torch.where(target, seq_ids, torch.full_like(seq_ids, num_seqs)).reshape(-1)
+    out = token_logps.new_zeros(num_seqs + 1)
+    return out.index_add(0, index, values)[:num_seqs]
 
 
 def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

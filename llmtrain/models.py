@@ -15,10 +15,12 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
 
 
-def _load_error(key: str, path: str, err: Exception) -> ConfigError:
+def _load_error(key: str, path: str, err: Exception, remote_code_switch: str = "model.trust_remote_code=true") -> ConfigError:
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         return ConfigError(f"{key}: directory {path!r} not found (give a local model directory or a hub id)")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "contains custom code" in first:  # transformers' refusal names no switch
+        first = f"it ships its own model code; set {remote_code_switch} if you trust that code"
     return ConfigError(f"{key}: cannot load {path!r}: {first}")
 
 
@@ -103,7 +105,7 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
         check_qlora(cfg, device, stage)
         quant = quantization_kwargs(cfg, device)
     keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841
-    torch.manual_seed(cfg.train.seed)  # from-scratch init is a function of train.seed
+    torch.manual_seed(cfg.train.seed)  # from-scratch init: see init_weights_by_name
     if m.config is not None:
         spec = dict(m.config)
         model_type = spec.pop("model_type")
@@ -116,7 +118,10 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{cfg.where('model.config')}: model.config: {e}") from None
         hf_config._attn_implementation = attn
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+        # the RNG streams are left as train.seed set them whatever the stage consumed (dropout follows)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+            init_weights_by_name(model, cfg.train.seed, zero3=stage == 3)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -140,6 +145,67 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
 
         model = apply_lora(model, cfg, dtype)  # base frozen: only adapter params require grad
     return model
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def init_weights_by_name(model: torch.nn.Module, seed: int, zero3: bool) -> None:
+    """Re-initialise a from-scratch model so its weights are a function of (train.seed, module
+    name) only, the same under every ZeRO stage and world size.
+
+    transformers draws the initial weights from one RNG stream whose consumption differs by stage:
+    ZeRO 0-2 build the model on the CPU (torch's constructors draw first, then `_init_weights`),
+    ZeRO-3 under zero.Init skips the constructors and initialises on rank 0's device. Here every
+    module runs the model's own `_init_weights` (same distributions) with the CPU generator seeded
+    from its qualified name, on CPU copies of its tensors. Under ZeRO-3 one module's parameters
+    at a time are gathered (a collective: every rank walks the same modules) and rank 0's values
+    are scattered back, so the whole model is never materialised on one rank.
+    """
+    import contextlib
+
+    from transformers.initialization import guard_torch_init_functions
+    from transformers.modeling_utils import PreTrainedModel
+
+    from . import dist
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        if hasattr(t, "_is_hf_initialized"):  # e.g. tied weights: HF's init functions would skip them
+            del t._is_hf_initialized
+
+    def visit(module: torch.nn.Module, name: str, init_fn) -> None:
+        for child_name, child in module.named_children():  # children first, as transformers does
+            visit(child, f"{name}.{child_name}" if name else child_name,
+                  child._init_weights if isinstance(child, PreTrainedModel) else init_fn)
+        # _init_weights may also write its direct children's tensors (e.g. module.q_proj.weight)
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for child in module.children():
+            if not isinstance(child, PreTrainedModel):
+                tensors += [*child.parameters(recurse=False), *child.buffers(recurse=False)]
+        tensors = list({id(t): t for t in tensors}.values())  # a tied weight once
+        params = [t for t in tensors if isinstance(t, torch.nn.Parameter)]
+        if zero3 and params:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered:
+            if zero3 and not dist.is_main():
+                return
+            originals = [t.data for t in tensors]
+            for t in tensors:  # CPU copies: the same CPU generator stream whatever device holds them
+                t.data = t.data.to("cpu", copy=True)
+            torch.manual_seed(_module_seed(seed, name))
+            init_fn(module)
+            for t, original in zip(tensors, originals):
+                original.copy_(t.data)
+                t.data = original
+
+    with torch.no_grad(), guard_torch_init_functions():
+        visit(model, "", model._init_weights)
+    model.tie_weights()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -295,7 +295,7 @@ def run(cfg: Config, info: dist.DistInfo) -> list[dict]:
 
 def _fail(message: str) -> PreflightError:
     """Every rank reports the line (runner.main prints only rank 0's)."""
-    if os.environ.get("RANK", "0") != "0":
+    if dist.launcher_rank() != 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     return PreflightError(message)
 
@@ -348,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
         run(cfg, info)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if dist.launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     return dist.finish(code)

@@ -102,16 +102,29 @@ def check_resume_identity(cfg: Config, saved: dict, current: dict) -> None:
                           "set train.resume_force=true to continue inexactly, or train.resume=never with overwrite_output_dir=true")
 
 
+def check_resume_step(cfg: Config, resume_path: str) -> None:
+    """Extending or shortening a run is fine; ending it before the checkpoint's step is not."""
+    saved_step = checkpoint.saved_state(resume_path)["step"]
+    if cfg.train.max_steps < saved_step:
+        raise ConfigError(f"{cfg.where('train.max_steps')}: train.max_steps={cfg.train.max_steps} is below step "
+                          f"{saved_step} of the checkpoint to resume ({resume_path}); set train.max_steps >= "
+                          f"{saved_step}, or train.resume=never with overwrite_output_dir=true to start over")
+
+
 def setup(cfg: Config, task) -> Run:
     from . import engine as eng
     from .metrics import make_logger
     from .models import count_parameters, load_model, load_tokenizer, tokenizer_hash
 
     info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    for line in cfg.notices:  # values adjusted while loading (e.g. warmup clamped to max_steps)
+        dist.print0(line)
     preflight.run(cfg, info)  # same config/code/tokenizer/data on every rank; rank table; link bandwidth
     seed_everything(cfg.train.seed)
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
+    if resume_path is not None:
+        check_resume_step(cfg, resume_path)
     if info.is_main:
         if cfg.overwrite_output_dir and resume_path is None:
             for sub in ("checkpoints", "final", "cache"):  # asked for explicitly: the old run goes
@@ -141,7 +154,8 @@ def setup(cfg: Config, task) -> Run:
     stage = eng.zero_stage(ds_config)
     dist.print0(
         f"llmtrain {task.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{stage}, {precision}, params {total:,} ({trainable:,} trainable), "
+        f"ZeRO-{stage}, {precision}{eng.accumulation_note(engine, cfg.train, precision)}, "
+        f"params {total:,} ({trainable:,} trainable), "
         f"global batch {cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
     )
@@ -151,15 +165,27 @@ def setup(cfg: Config, task) -> Run:
     if hasattr(task, "prepare"):
         task.prepare(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
-        saved = checkpoint.load(engine, resume_path, cfg.train.seed)
-        check_resume_identity(cfg, saved, run.trainer_state())
-        data.load_state_dict(saved["data"])
-        state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
-        state.skipped_steps = saved.get("skipped_steps", 0)
-        state.consecutive_skips = saved.get("consecutive_skips", 0)
-        dist.print0(f"resumed from {resume_path} at step {state.step}")
+        resume(run, resume_path)
     run.logger = make_logger(cfg, info.is_main, state.step)
     return run
+
+
+def resume(run: Run, resume_path: str) -> None:
+    """Model, optimizer, scheduler, RNG, data position and counters from the checkpoint; then the
+    recipe's schedule and optimizer settings, which may differ from the checkpoint's."""
+    from . import engine as eng
+
+    cfg, state = run.cfg, run.state
+    saved = checkpoint.load(run.engine, resume_path, cfg.train.seed)
+    check_resume_identity(cfg, saved, run.trainer_state())
+    run.data.load_state_dict(saved["data"])
+    state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+    state.skipped_steps = saved.get("skipped_steps", 0)
+    state.consecutive_skips = saved.get("consecutive_skips", 0)
+    dist.print0(f"resumed from {resume_path} at step {state.step}")
+    changes = eng.apply_train_settings(run.engine, cfg.train)
+    if changes:
+        dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
 
 
 def run_task(cfg: Config, task) -> Run:
@@ -198,7 +224,7 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 4
     except (ConfigError, DataError, checkpoint.StorageError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if dist.launcher_rank() == 0:  # each rank raises the same error: one line (mpirun sets no RANK)
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = getattr(e, "exit_code", 2)
     except OtherRankFailed as e:  # rank 0 printed its line; this rank ends with the same status

@@ -272,6 +272,26 @@ def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = 
     return pairs[:, 0], pairs[:, 1], lengths
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """p = 0 in every dropout module and in every float `*dropout` attribute a module reads at
+    forward time (Llama/Qwen2/Mistral attention keeps `attention_dropout` as a float). TRL does the
+    same for preference training (it only handles nn.Dropout). LoRA's `lora_dropout` modules are
+    kept: lora.dropout is an explicit setting, and the adapter-disabled reference never runs them.
+    The model's config is left alone, so final/ keeps the user's dropout values. Returns the count."""
+    switched = 0
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            switched += 1
+        for attr, value in list(vars(module).items()):
+            if attr.endswith("dropout") and isinstance(value, float) and value > 0:
+                setattr(module, attr, 0.0)
+                switched += 1
+    return switched
+
+
 class DPOTask:
     """DPO family on preference pairs. The reference model is, in order of preference:
     the policy with its LoRA adapters disabled (no second copy), log-probs precomputed once
@@ -306,6 +326,10 @@ class DPOTask:
         from . import reference
 
         cfg = run.cfg
+        if cfg.dpo.disable_dropout:
+            switched = disable_dropout(run.engine.module)
+            if switched:
+                dist.print0(f"dpo: dropout off in the policy ({switched} dropout settings; dpo.disable_dropout=false keeps them)")
         lora = reference.has_adapters(run.engine)
         dist.print0(f"dpo: reference = {'adapters_disabled' if lora else 'precomputed' if cfg.dpo.precompute_ref else 'frozen_copy'}")
         if lora:
@@ -345,8 +369,9 @@ class DPOTask:
             pol_c, pol_r, ref_c, ref_r = pol_c / n_c, pol_r / n_r, ref_c / n_c, ref_r / n_r
         kwargs = {"label_smoothing": d.label_smoothing} if d.loss == "sigmoid" else {}
         loss_sum, means = DPO_LOSSES[d.loss](pol_c, pol_r, ref_c, ref_r, d.beta, reduction="sum", **kwargs)
-        pairs = pol_c.shape[0]
-        sums = {k: v * pairs for k, v in means.items()}  # means -> sums over pairs
+        pairs = pol_c.shape[0]  # 0 in the padding batch of a rank with fewer eval rows (it still ran its forwards)
+        # means -> sums over pairs (a mean over no pairs is NaN: an empty batch contributes 0)
+        sums = {k: v * pairs if pairs else torch.zeros_like(v) for k, v in means.items()}
         sums["chosen_nll"] = nll_sum.detach()
         if d.nll_weight:
             sums["preference_loss"] = loss_sum.detach()

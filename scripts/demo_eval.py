@@ -23,6 +23,7 @@ def main() -> int:
     from llmtrain.config import load_config
     from llmtrain.data.chat import to_messages
     from llmtrain.generate import complete, load_for_inference
+    from llmtrain.models import init_weights_by_name
 
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", required=True)
@@ -47,8 +48,8 @@ def main() -> int:
     if cfg.model.config is not None:
         spec = dict(cfg.model.config)
         hf_config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), **spec)
-        torch.manual_seed(cfg.train.seed)  # the weights training started from
         start, start_name = AutoModelForCausalLM.from_config(hf_config).eval(), "before (init)"
+        init_weights_by_name(start, cfg.train.seed, zero3=False)  # the weights training started from
     else:
         start, start_name = load_for_inference(cfg.model.name_or_path, "cpu")[0], "before (start)"
 

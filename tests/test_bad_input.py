@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import REPO, base_recipe, python_cmd, run_cmd, write_recipe
+from conftest import REPO, base_recipe, have, python_cmd, run_cmd, write_recipe
 from llmtrain.config import ConfigError, load_config
 
 
@@ -87,3 +87,24 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, recipe):
     assert proc.returncode == 0 and "nothing to do" in proc.stdout
     with pytest.raises(ConfigError, match="must not climb out"):
         load_config(path, ["output_dir=../../etc"])
+
+
+@pytest.mark.multiproc
+def test_a_config_error_under_mpirun_is_printed_once(tmp_path, recipe):
+    """mpirun sets OMPI_COMM_WORLD_RANK, not RANK, and the error comes before torch.distributed
+    starts: only the launcher's rank 0 prints it (mpirun forwards every rank's stderr)."""
+    if not have("mpirun"):
+        pytest.skip("OpenMPI (mpirun) is not installed; scripts/setup.sh installs it as root")
+    recipe["train"]["max_step"] = 3
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cmd(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x", "PATH",
+                    *python_cmd("launch/sft.py", "--recipe", path)], timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {path}:{_line_of(path, 'max_step')}: unknown key train.max_step; did you mean train.max_steps?"]
+
+
+def _line_of(path: str, key: str) -> int:
+    with open(path) as f:
+        return next(i for i, line in enumerate(f, 1) if line.strip().startswith(f"{key}:"))

@@ -80,6 +80,51 @@ def test_two_ranks_zero3_match_one_rank_with_accumulation(frozen_copy_run, tiny_
     assert [r["reward_accuracy"] for r in rows] == pytest.approx([r["reward_accuracy"] for r in frozen_copy_run])
 
 
+def test_dropout_is_off_in_the_policy_so_a_dropout_model_starts_at_ln2(tmp_path):
+    """A base with attention dropout 0.5: with dropout left on, the policy's log-probs are noisy
+    and step 0 is not ln 2; preference training switches it off (final/ keeps the config value)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import TINY, TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    spec = dict(TINY["llama"])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, attention_dropout=0.5, **spec)
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "dropout-llama")
+    AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = run_dpo(tmp_path, dpo_recipe(tmp_path, model_dir, max_steps=1, grad_accum=2, lr=5e-3))
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(rows[0]["reward_margin"]) < 1e-7
+    saved = json.load(open(os.path.join(tmp_path, "run", "final", "config.json")))
+    assert saved["attention_dropout"] == 0.5
+
+
+@pytest.mark.parametrize("arch,dropout", [("gpt2", {"resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3}),
+                                          ("llama", {"attention_dropout": 0.3})])
+def test_disable_dropout_makes_training_mode_forwards_deterministic(arch, dropout):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY
+    from llmtrain.tasks import disable_dropout
+
+    spec = dict(TINY[arch])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), vocab_size=300, **spec, **dropout),
+                                             attn_implementation="sdpa")
+    model.train()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is live
+        assert disable_dropout(model) > 0
+        assert model.training and torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        model.eval()
+        reference = model(input_ids=ids).logits
+        model.train()
+        assert torch.equal(model(input_ids=ids).logits, reference)
+
+
 def _pairs(tok, n=5):
     rows = [json.loads(l) for l in open(DPO_TRAIN)][:n]
     return [encode_pair(tok, r, 64, 48) for r in rows]

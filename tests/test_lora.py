@@ -294,3 +294,138 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_model_dir, tmp_path):
     out = tmp_path / "merged"
     merged = run_cmd(python_cmd("launch/export.py", "--adapter", final, "--out", str(out)), timeout=300)
     assert merged.returncode == 0, merged.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- merge: revision, remote code
+
+
+def _adapter_on(base_model, out_dir: str, base_name: str, revision=None) -> str:
+    """A LoRA adapter with non-zero B matrices (as after training), saved for `base_name`."""
+    import json
+
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(base_model, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", revision=revision))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(out_dir)
+    cfg_path = os.path.join(out_dir, "adapter_config.json")
+    data = json.load(open(cfg_path))
+    data["base_model_name_or_path"] = base_name  # as a run on model.name_or_path=base_name writes it
+    json.dump(data, open(cfg_path, "w"))
+    return out_dir
+
+
+def _merged_by_hand(base_model, adapter_dir: str) -> dict:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload().state_dict()
+
+
+def _fake_hub(cache: str, repo: str, revisions: dict) -> None:
+    """A Hugging Face hub cache holding `repo` at several revisions (ref name -> model), read offline."""
+    folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(folder, "refs"))
+    for i, (ref, (model, tok)) in enumerate(revisions.items()):
+        commit = f"{i + 1:040x}"
+        model.save_pretrained(os.path.join(folder, "snapshots", commit))
+        tok.save_pretrained(os.path.join(folder, "snapshots", commit))
+        with open(os.path.join(folder, "refs", ref), "w") as f:
+            f.write(commit)
+
+
+def test_merge_loads_the_base_revision_the_adapter_was_trained_on(tmp_path):
+    from llmtrain.config import Config
+    from llmtrain.lora import peft_config
+
+    cfg = Config()
+    cfg.model.revision = "v2"
+    assert peft_config(cfg).revision == "v2"  # a run records model.revision in adapter_config.json
+
+    main, v2 = build_tiny("llama", seed=0), build_tiny("llama", seed=1)
+    _fake_hub(str(tmp_path / "hub"), "llmtrain/tiny", {"main": main, "v2": v2})
+    adapter = _adapter_on(build_tiny("llama", seed=1)[0], str(tmp_path / "adapter"), "llmtrain/tiny", revision="v2")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    for extra, base in (([], v2), (["--revision", "main"], main)):
+        out = tmp_path / f"merged{len(extra)}"
+        proc = run_cmd(python_cmd("launch/export.py", "--adapter", adapter, "--out", str(out), *extra), timeout=120, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        merged = load_file(str(out / "model.safetensors"))
+        expected = _merged_by_hand(build_tiny("llama", seed=0 if base is main else 1)[0], adapter)
+        for k, v in merged.items():
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=(extra, k))
+
+
+_CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "llmtrain_tiny"
+'''
+_CUSTOM_MODEL = '''from transformers import LlamaForCausalLM
+
+from .configuration_llmtrain_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+def _remote_code_model(path: str):
+    """A local model directory whose architecture ships as code beside it (auto_map), as many hub models do."""
+    import json
+
+    model, tok = build_tiny("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "configuration_llmtrain_tiny.py"), "w") as f:
+        f.write(_CUSTOM_CONFIG)
+    with open(os.path.join(path, "modeling_llmtrain_tiny.py"), "w") as f:
+        f.write(_CUSTOM_MODEL)
+    data = json.load(open(os.path.join(path, "config.json")))
+    data.update(model_type="llmtrain_tiny", architectures=["TinyForCausalLM"],
+                auto_map={"AutoConfig": "configuration_llmtrain_tiny.TinyConfig",
+                          "AutoModelForCausalLM": "modeling_llmtrain_tiny.TinyForCausalLM"})
+    json.dump(data, open(os.path.join(path, "config.json"), "w"))
+    return model
+
+
+def test_merge_runs_a_bases_own_code_only_with_trust_remote_code(tmp_path):
+    base_dir = str(tmp_path / "custom")
+    plain = _remote_code_model(base_dir)
+    adapter = _adapter_on(build_tiny("llama")[0], str(tmp_path / "adapter"), base_dir)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = tmp_path / "merged"
+    proc = run_cmd(python_cmd("launch/export.py", "--adapter", adapter, "--out", str(out)), timeout=120, env=env)
+    assert_one_line_error(proc, "--base", "ships its own model code", "--trust-remote-code")
+    proc = run_cmd(python_cmd("launch/export.py", "--adapter", adapter, "--out", str(out), "--trust-remote-code"),
+                   timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    merged, expected = load_file(str(out / "model.safetensors")), _merged_by_hand(plain, adapter)
+    for k, v in merged.items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_lora_run_merges_a_remote_code_base_with_its_trust_remote_code(tmp_path):
+    base_dir = str(tmp_path / "custom")
+    _remote_code_model(base_dir)
+    recipe = lora_recipe(tmp_path, base_dir, lora={"merge": True}, max_steps=1)
+    recipe["model"]["trust_remote_code"] = True
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cmd(python_cmd("launch/sft.py", "--recipe", path), timeout=240,
+                   env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = os.path.join(recipe["output_dir"], "final", "merged")
+    assert os.path.isfile(os.path.join(merged, "model.safetensors"))
+    assert json_load(os.path.join(merged, "config.json"))["model_type"] == "llmtrain_tiny"
+
+
+def json_load(path: str):
+    import json
+
+    with open(path) as f:
+        return json.load(f)

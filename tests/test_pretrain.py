@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -175,3 +176,28 @@ def test_resume_reproduces_uninterrupted_losses(prepared, tmp_path):
     rows = [r for r in read_metrics(full) if "loss" in r]
     assert all(r["tflops_per_gpu"] > 0 and "mfu" not in r for r in rows)  # CPU: no known peak, no MFU
     assert os.path.isfile(os.path.join(cut, "final", "config.json"))
+
+
+def test_eval_on_uneven_ranks_sums_to_the_one_rank_loss(prepared):
+    """Eval rows that do not divide by ranks x micro-batch: the short rank's padding batches add 0
+    and every rank runs as many forwards (ZeRO-3 gathers are collective)."""
+    model, _ = build_tiny("llama")
+    task = PretrainTask()
+    rows = len(list(make_data(prepared, eval_max_batches=0, micro_batch_size=1).eval_set().batches))
+    mbs = next(m for m in (1, 2, 3, 4, 5) if rows % (2 * m))
+
+    def eval_loss(world: int) -> tuple[float, list[int], set]:
+        total, counts, weights = 0.0, [], set()
+        for rank in range(world):
+            eval_set = make_data(prepared, world_size=world, rank=rank, eval_max_batches=0, micro_batch_size=mbs).eval_set()
+            batches = list(eval_set.batches)
+            counts.append(len(batches))
+            weights.add(eval_set.global_weight)
+            with torch.no_grad():
+                total += sum(task.loss(model, b, eval_set.global_weight)[0].item() for b in batches)
+        return total, counts, weights
+
+    one, one_counts, one_weights = eval_loss(1)
+    two, two_counts, two_weights = eval_loss(2)
+    assert two_counts[0] == two_counts[1] and two_weights == one_weights
+    assert two == pytest.approx(one, rel=1e-6) and math.isfinite(two)

@@ -1,0 +1,21 @@
+"""Helper for test_from_scratch_init_is_the_same_under_every_stage: build the run exactly as a
+training launch does (runner.setup: model from model.config, ZeRO init, DeepSpeed engine), then
+export the untrained weights to OUT (final/-style directory), without a training step.
+
+  [torchrun ...] python tests/scripts/initial_weights.py RECIPE OUT [key=value ...]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from llmtrain import checkpoint, dist  # noqa: E402
+from llmtrain.config import load_config  # noqa: E402
+from llmtrain.runner import setup  # noqa: E402
+from llmtrain.tasks import SFTTask  # noqa: E402
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+run = setup(cfg, SFTTask())
+checkpoint.export_hf(run.engine, run.tokenizer, sys.argv[2], run.stage)
+run.logger.close()
+dist.finish(0)
