@@ -259,7 +259,7 @@ def test_qlora_path_runs_on_cpu_with_bitsandbytes_stood_in(tiny_model_dir, monke
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "norm" in n)
-    assert model.llmtrain_export == {"merge": False, "dtype": torch.bfloat16}
+    assert model.llmtrain_export == {"merge": False, "dtype": torch.bfloat16, "trust_remote_code": False}
     packed, _ = _packed_and_unpacked(len(tok))
     _loss_sum(model, packed).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

@@ -17,4 +17,6 @@ CPU_Accelerator.is_fp16_supported = lambda self: True  # noqa: E731  (torch runs
 
 from llmtrain.runner import main  # noqa: E402
 
-sys.exit(main(sys.argv[1], sys.argv[2:]))
+# spawned data-preparation workers re-import this file: the work runs only in the launched process
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
