@@ -73,7 +73,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # prepared data; default output_dir/cache; content-keyed, safe to share between runs
     prepare_workers: int = 0  # tokenizer processes per rank (0 = this rank's share of the node's CPUs)
     prepare_chunk_rows: int = 4096  # most rows per chunk (the unit of parallel work, resume and atomic writes)
-    prepare_timeout_minutes: float = 240.0  # how long a rank waits for chunks other ranks are preparing
+    # total cap on a rank's wait for chunks other (live) ranks are preparing; 0 = no cap; a rank that died
+    # holding chunks is caught sooner, by dist.stale_minutes
+    prepare_timeout_minutes: float = 1440.0
 
 
 @dataclass
@@ -129,9 +131,13 @@ class LoggingConfig:
 @dataclass
 class DistConfig:
     timeout_minutes: float = 30.0  # collective-operation timeout: a missing rank fails instead of hanging
-    # how long ranks wait for one rank's file work outside any collective (universal-checkpoint conversion,
-    # final/ export and LoRA merge) before failing with one line; hours: these scale with the model size
-    wait_minutes: float = 240.0
+    # total cap on a wait, outside any collective, for one rank's file work (universal-checkpoint conversion,
+    # final/ export and LoRA merge) while that rank is alive; 0 = no cap. 24 h: ~5x a 70B conversion at the
+    # README's measured ~50 MiB/s (840 GB in ~4.5 h); a dead worker is caught by stale_minutes instead
+    wait_minutes: float = 1440.0
+    # a waiting rank fails (one line naming the silent rank and host) once a working rank's heartbeat file
+    # has not moved for this long (it beats every min(30 s, stale_minutes/5)); keep it well above NFS's ~1 min cache
+    stale_minutes: float = 10.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 
@@ -408,10 +414,11 @@ def validate(cfg: Config) -> None:
     _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
     _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
-    _require(cfg.dist.wait_minutes > 0, cfg, "dist.wait_minutes", "must be > 0")
+    _require(cfg.dist.wait_minutes >= 0, cfg, "dist.wait_minutes", "must be >= 0 (0 = no cap)")
+    _require(cfg.dist.stale_minutes > 0, cfg, "dist.stale_minutes", "must be > 0")
     _require(d.prepare_workers >= 0, cfg, "data.prepare_workers", "must be >= 0 (0 = automatic)")
     _require(d.prepare_chunk_rows >= 1, cfg, "data.prepare_chunk_rows", "must be >= 1")
-    _require(d.prepare_timeout_minutes > 0, cfg, "data.prepare_timeout_minutes", "must be > 0")
+    _require(d.prepare_timeout_minutes >= 0, cfg, "data.prepare_timeout_minutes", "must be >= 0 (0 = no cap)")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
     _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")

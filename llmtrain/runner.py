@@ -22,7 +22,7 @@ from .config import Config, ConfigError, load_config, save_resolved
 from .data.sources import DataError
 from .loop import NonFiniteError, RunState, train_loop
 from .signals import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
-from .waiting import OtherRankFailed
+from .waiting import OtherRankFailed, WaitError
 
 
 def parse_args(argv: Optional[list[str]], description: str) -> tuple[Optional[str], list[str]]:
@@ -197,7 +197,8 @@ def run_task(cfg: Config, task) -> Run:
             dist.print0(f"{cfg.output_dir}: already trained to train.max_steps={cfg.train.max_steps}; nothing to do")
             return run
         train_loop(run)
-        export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step)
+        export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step,
+                         stale_minutes=cfg.dist.stale_minutes)
         plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png; a failure only warns
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:
@@ -214,6 +215,10 @@ def main(task_name: str, argv: Optional[list[str]] = None) -> int:
         cfg = load_config(recipe, overrides)
         run_task(cfg, TASKS[task_name]())
         code = 0
+    except WaitError as e:  # raised by every waiting rank; the rank that would print may be the dead one
+        if e.speaker:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return dist.finish(e.exit_code, wait_for_peers=False)  # the awaited rank is gone or still busy
     except Preempted as e:
         dist.print0(f"stopped: {e}; resume with train.resume=auto")
         if cfg.train.requeue_on_signal and dist.is_main():

@@ -119,6 +119,7 @@ def prepare_request(cfg: Config, tok_hash: str, key: str, kind: str, info=None):
     return Request(key=key, srcs=sources(cfg, key), spec=encode_spec(cfg, kind), tok_hash=tok_hash,
                    cache_root=d.cache_dir or os.path.join(cfg.output_dir, "cache"), chunk_rows=d.prepare_chunk_rows,
                    workers=d.prepare_workers, timeout_s=d.prepare_timeout_minutes * 60,
+                   stale_s=cfg.dist.stale_minutes * 60,
                    max_bad_fraction=d.max_bad_fraction, rank=getattr(info, "rank", 0),
                    world_size=getattr(info, "world_size", 1), local_world_size=getattr(info, "local_world_size", 1))
 

@@ -75,14 +75,16 @@ def is_current(out: str, source: str) -> bool:
 
 def prepare(cfg: Config, source: str) -> str:
     """Every rank calls this: rank 0 converts `source` (unless a current copy exists) while the others
-    poll for its marker (waiting.one_rank_does, up to dist.wait_minutes); returns the universal dir."""
+    poll for its marker (waiting.one_rank_does: up to dist.wait_minutes, or dist.stale_minutes after rank 0's
+    heartbeat stopped); returns the universal dir."""
     saved = checkpoint.saved_state(source)
     check_origin(cfg, source, saved)  # every rank reads the same files: the same verdict, no collective
     root = checkpoint.ckpt_root(cfg)
     out = universal_dir(root, source)
     what = f"convert {source} to a universal checkpoint"
     waiting.one_rank_does(lambda: _convert_once(source, out), name="universal", what=what,
-                          marker_dir=cfg.output_dir, timeout_minutes=cfg.dist.wait_minutes)
+                          marker_dir=cfg.output_dir, timeout_minutes=cfg.dist.wait_minutes,
+                          stale_minutes=cfg.dist.stale_minutes)
     return out
 
 
