@@ -247,6 +247,9 @@ def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict):
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
     )
+    from .ckpt_engine import check_supported
+
+    check_supported(engine.checkpoint_engine, cfg.deepspeed.config)  # before training, not at the first save
     return engine, scheduler
 
 

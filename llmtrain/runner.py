@@ -146,7 +146,7 @@ def setup(cfg: Config, task) -> Run:
             dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                         "loading it through a universal checkpoint")
             resume_path = universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
-            ds_config["checkpoint"] = {"load_universal": True}
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True  # keeps the JSON's writer settings
     model = load_model(cfg, tokenizer, ds_config, precision, info.device)
     model = fastpaths.apply_fast_paths(model, cfg, info.device)  # model.liger / model.compile (explicit switches)
     trainable, total = count_parameters(model)
