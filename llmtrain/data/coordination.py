@@ -17,7 +17,8 @@ from typing import Callable
 from .sources import DataError
 
 STORAGE_ID_NAME = "storage-id"
-POLL_S = 0.5  # how often a waiting rank looks for the files it waits for
+POLL_S = 0.05  # first poll interval of a waiting rank; it grows by half each poll up to max_poll_s
+MAX_POLL_S = 2.0  # (backoff: quick when the wait is short, a few stats per second at most when it is long)
 SAY_EVERY_S = 60.0  # how often a waiting rank says what it waits for
 
 
@@ -76,7 +77,7 @@ def storage_id(directory: str) -> str:
 
 
 def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: float, fail: Callable[[], None],
-             rank: int) -> object:
+             rank: int, max_poll_s: float = MAX_POLL_S) -> object:
     """Poll `ready()` until it returns something truthy; every SAY_EVERY_S say `what()`; call `fail()`
     (which raises when the wait must end early, e.g. another rank failed) each poll.
 
@@ -85,6 +86,7 @@ def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: fl
     """
     start = time.monotonic()
     last = start - SAY_EVERY_S + 2.0  # first word after 2 s: short waits stay quiet
+    poll_s = POLL_S
     while True:
         fail()
         value = ready()
@@ -98,7 +100,8 @@ def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: fl
             say(rank, f"waiting for {what()} ({(now - start) / 60:.1f} of {timeout_s / 60:g} min, "
                        "data.prepare_timeout_minutes)")
             last = now
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
+        poll_s = min(max_poll_s, poll_s * 1.5)
 
 
 def say(rank: int, message: str) -> None:
@@ -107,18 +110,7 @@ def say(rank: int, message: str) -> None:
 
 
 def cleanup_tmp(directory: str) -> None:
-    """Temporary files of this host's dead processes (an interrupted preparation) go; live ones stay."""
-    host = socket.gethostname()
-    for f in os.listdir(directory):
-        if ".tmp-" not in f:
-            continue
-        tag = f.rsplit(".tmp-", 1)[1]
-        h, _, pid = tag.rpartition("-")
-        if h != host or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(directory, f))
-        except PermissionError:
-            pass
+    """Temporary files of dead writers (see files.cleanup_tmp: other nodes' too, once stale)."""
+    from .files import cleanup_tmp as cleanup
+
+    cleanup(directory)
