@@ -30,8 +30,9 @@ def _ancestors(root: str, rel: str) -> list[str]:
     return [os.path.join(root, *parts[:k]) for k in range(len(parts), -1, -1)]
 
 
-def cgroup_cpu_limit(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> Optional[float]:
+def cgroup_cpu_limit(root: Optional[str] = None, proc_cgroup: Optional[str] = None) -> Optional[float]:
     """The CPU quota in CPUs (e.g. 8.0, 0.5), or None when there is none (or no cgroup fs)."""
+    root, proc_cgroup = root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP
     v2_rel, v1_rel = "/", "/"
     for line in (_read(proc_cgroup) or "").splitlines():
         hier, _, rest = line.partition(":")
@@ -53,7 +54,7 @@ def cgroup_cpu_limit(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) ->
     return min(limits) if limits else None
 
 
-def usable_cpus(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> tuple[int, bool]:
+def usable_cpus(root: Optional[str] = None, proc_cgroup: Optional[str] = None) -> tuple[int, bool]:
     """(CPUs this process may use, whether it is bound to a CPU subset of its own, e.g. by Slurm)."""
     total = os.cpu_count() or 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total

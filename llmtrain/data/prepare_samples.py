@@ -31,7 +31,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import pickle
 import socket
 import sys
 import time
@@ -54,7 +53,6 @@ CHUNKS_PER_WORKER = 8  # chunks per tokenizer process: balance (the last chunk's
 SWEEP_POLL_S = 5.0  # how often the finishing rank looks for missing chunks whose owner died
 # test hook, "RANK:SECONDS[:AFTER]": that rank stalls SECONDS in the chunk after its first AFTER (default 0) chunks
 TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"
-TEST_TRACE_ENV = "LLMTRAIN_TEST_PREPARE_TRACE"  # test hook: a file every tokenized chunk appends "pid index" to
 
 
 @dataclass
@@ -337,8 +335,7 @@ class _Preparer:
 
 class _Workers:
     """This rank's tokenizer processes (spawned: safe with the threads a rank already runs, gloo and
-    tokenizers), or this process itself for one worker. The tokenizer travels pickled by value and
-    is unpickled after transformers' dynamic-module path is set up, so remote-code tokenizers load."""
+    tokenizers), or this process itself for one worker."""
 
     def __init__(self, prep: _Preparer, n: int):
         self.prep, self.n = prep, n
@@ -346,7 +343,7 @@ class _Workers:
         args = (prep.reader, prep.req.spec, prep.dir, prep.dtype)
         if n > 1:
             self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=init_worker,
-                                               initargs=(pickle.dumps(prep.tok), *args, True))
+                                               initargs=(prep.tok, *args, True))
         else:
             init_worker(prep.tok, *args, False)
 

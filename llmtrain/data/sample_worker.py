@@ -47,18 +47,11 @@ _W: dict = {}  # per-process state, set by init_worker, cleared by clear_worker
 
 def init_worker(tokenizer, reader: SplitReader, spec: EncodeSpec, directory: str, dtype: str,
                 in_subprocess: bool) -> None:
-    """`tokenizer` is the object itself, or (in a worker process) its pickle: unpickled only after
-    transformers' dynamic-module directory is on sys.path, where a remote-code tokenizer's class lives."""
+    # (a remote-code tokenizer's class unpickles in a spawned worker: spawn carries the parent's
+    # sys.path, which holds transformers' dynamic-module directory)
     if in_subprocess:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
         _die_with_parent()
-    if isinstance(tokenizer, bytes):
-        import pickle
-
-        from transformers.dynamic_module_utils import init_hf_modules
-
-        init_hf_modules()
-        tokenizer = pickle.loads(tokenizer)
     _W.update(tok=tokenizer, reader=reader, spec=spec, dir=directory, dtype=np.dtype(dtype))
 
 
@@ -104,18 +97,8 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
     except BaseException:
         writer.abort()
         raise
-    side = writer.finish({"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start,
+    return writer.finish({"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start,
                           "bad": bad, "dropped_too_long": dropped})
-    _trace(index)
-    return side
-
-
-def _trace(index: int) -> None:
-    """Test hook (prepare_samples.TEST_TRACE_ENV): record that this process tokenized chunk `index`."""
-    path = os.environ.get("LLMTRAIN_TEST_PREPARE_TRACE")
-    if path:
-        with open(path, "a") as f:  # one short O_APPEND write per chunk: lines from processes do not mix
-            f.write(f"{os.getpid()} {index}\n")
 
 
 def chunk_name(index: int) -> str:

@@ -244,14 +244,14 @@ class SplitReader:
     def plan(self, max_rows_per_chunk: int, target_chunks: int = 1, stage_dir: Optional[str] = None) -> list[Chunk]:
         """Every source row in chunks, in source and file order. Chunks hold
         clamp(rows of the split / target_chunks, MIN_CHUNK_ROWS, max_rows_per_chunk) rows (a file
-        ends its last chunk early), so a split gets about `target_chunks` chunks however its rows
-        are spread over files. Each file is scanned once. With `stage_dir`, a Parquet file with
+        ends its last chunk early), so a split gets at most `target_chunks` + (files - 1) chunks
+        however its rows are spread over files. Each file is scanned once. With `stage_dir`, a Parquet file with
         row groups above the chunk size is staged there (see the module docstring)."""
         grain = max(1, min(MIN_CHUNK_ROWS, max_rows_per_chunk))  # chunk sizes are multiples of it
         surveys = [self._survey(i, path, grain) for i in range(len(self.srcs)) for path in self.paths(i)]
         total = sum(s.rows for s in surveys)
         k = min(max_rows_per_chunk, max(MIN_CHUNK_ROWS, -(-total // max(1, target_chunks))))
-        k = max(grain, k // grain * grain)
+        k = min(-(-k // grain) * grain, max(grain, max_rows_per_chunk // grain * grain))  # rounded up: <= target chunks
         chunks: list[Chunk] = []
         for s in surveys:
             chunks += self._cut(s, k, stage_dir)
