@@ -1,7 +1,8 @@
 """`launch/inspect_data.py`: show what is trained before spending GPU hours on it.
 
-Text preview (default): decoded samples with trained tokens highlighted, the split's share of
-trained tokens and its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
+Text preview (default): the first N rows decoded with trained tokens highlighted (only those rows
+are read and encoded), then, when the split is prepared already, its share of trained tokens and
+its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
 object per row of the first N rows of data.train in file order,
   {"line": L, "input_ids": [...], "trained": [0/1, ...]}   trained[i] = 1 exactly when token i is a
                                                            loss target (labels[i] != IGNORE, i > 0)
@@ -50,28 +51,14 @@ def _line(origin: str) -> int:
 
 def mask_records(tok, cfg, n: int):
     """The first n rows of data.train as DESIGN.md 1.4 objects, encoded exactly as training encodes them."""
-    from .data.sft import encode_row, iter_rows
-
-    d = cfg.data
-    chat = chat_options(d)
-    for k, (row, src) in enumerate(iter_rows(sources(cfg, "data.train"), "data.train")):
-        if k >= n:
-            return
-        if isinstance(row, BadRow):
-            yield {"line": _line(row.origin), "bad": row.reason}
+    for rec in preview_records(tok, cfg, n):
+        if len(rec) == 2:
+            yield {"line": _line(rec[0]), "bad": rec[1]}
             continue
-        try:
-            enc = encode_row(tok, row.record, src.format, d.max_seq_len, d.truncation, chat=chat)
-        except RowError as e:
-            yield {"line": _line(row.origin), "bad": str(e)}
-            continue
-        if enc is None:
-            yield {"line": _line(row.origin), "bad": f"longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)"}
-            continue
-        ids, labels = enc
+        origin, ids, labels = rec
         trained = (labels != IGNORE_INDEX).astype(np.int8)
         trained[:1] = 0  # nothing predicts the first token
-        yield {"line": _line(row.origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
+        yield {"line": _line(origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
 
 
 def write_json(tok, cfg, n: int, out_path: str) -> int:
@@ -87,6 +74,30 @@ def write_json(tok, cfg, n: int, out_path: str) -> int:
     return rows
 
 
+def preview_records(tok, cfg, n: int):
+    """(origin, ids, labels) or (origin, reason) for the first n rows of data.train: only those rows are
+    read and encoded, as training encodes them (never the whole split)."""
+    from .data.sft import encode_row, iter_rows
+
+    d = cfg.data
+    chat = chat_options(d)
+    for k, (row, src) in enumerate(iter_rows(sources(cfg, "data.train"), "data.train")):
+        if k >= n:
+            return
+        if isinstance(row, BadRow):
+            yield row.origin, row.reason
+            continue
+        try:
+            enc = encode_row(tok, row.record, src.format, d.max_seq_len, d.truncation, chat=chat)
+        except RowError as e:
+            yield row.origin, str(e)
+            continue
+        if enc is None:
+            yield row.origin, f"longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)"
+            continue
+        yield (row.origin, *enc)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Preview tokenized training samples and their loss mask")
     p.add_argument("--recipe", required=True)
@@ -95,8 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="OUT", help="write the first N rows' token ids and trained flags as JSON Lines")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     try:
-        from .data.prepare_samples import prepared_split
+        from .data.prepare_samples import open_prepared, report_of
         from .models import load_tokenizer, tokenizer_hash
         from .tasks import prepare_request
 
@@ -105,22 +117,26 @@ def main(argv=None) -> int:
         if args.json:
             write_json(tok, cfg, args.num_samples, args.json)
             return 0
-        # the same preparation a training run does (parallel, cached): a later run reuses it, and vice versa
-        request = prepare_request(cfg, tokenizer_hash(tok), "data.train", "sft")
-        request.max_bad_fraction = 1.0  # a preview shows every bad row instead of stopping at the budget
-        samples, report = prepared_split(request, tok)
+        for i, rec in enumerate(preview_records(tok, cfg, args.num_samples)):
+            if len(rec) == 2:
+                print(f"--- row {i} ({rec[0]}): skipped: {rec[1]}")
+                continue
+            origin, ids, labels = rec
+            print(f"--- sample {i} ({origin}): {len(ids)} tokens, {int((labels[1:] != IGNORE_INDEX).sum())} trained ---")
+            print(highlight(tok, ids, labels, color))
+        # whole-split figures only where a preparation (training run, launch/prepare.py) made them already
+        samples = open_prepared(prepare_request(cfg, tokenizer_hash(tok), "data.train", "sft"), tok)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # --json OUT in a missing or read-only directory
         print(f"error: {e}", file=sys.stderr)
         return 2
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    for i in range(min(args.num_samples, samples.num_seqs)):
-        ids, labels = samples.seq(i)
-        n_trained = int((labels[1:] != IGNORE_INDEX).sum())
-        print(f"--- sample {i}: {len(ids)} tokens, {n_trained} trained ---")
-        print(highlight(tok, ids, labels, color))
+    if samples is None:
+        print(f"--- data.train is not prepared yet, so no whole-split figures: `python launch/prepare.py --recipe "
+              f"{args.recipe} --task sft` (or the training run) prepares it, and this preview then shows them")
+        return 0
+    report = report_of(samples)
     targets = samples.seq_targets()
     total = int(samples.seq_lengths().sum())
     print(f"--- {samples.num_seqs} samples, {total} tokens, {int(targets.sum())} trained "

@@ -7,6 +7,7 @@ cannot be written (full disk) as one line and exit status 5.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import random
 import shutil
@@ -127,8 +128,13 @@ def setup(cfg: Config, task) -> Run:
         check_resume_step(cfg, resume_path)
     if info.is_main:
         if cfg.overwrite_output_dir and resume_path is None:
-            for sub in ("checkpoints", "final", "cache"):  # asked for explicitly: the old run goes
+            for sub in ("checkpoints", "final"):  # asked for explicitly: the old run goes
                 shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
+            # but not the prepared data in output_dir/cache: it is keyed by content (another job may be
+            # reading it, launch/prepare.py may have made it for this run); the DPO reference log-probs
+            # there are keyed by the model's path only, and its weights may have changed: those go
+            for f in glob.glob(os.path.join(cfg.output_dir, "cache", "ref_logps-*")):
+                os.remove(f)
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         checkpoint.write_run_id(cfg.output_dir, fresh=resume_path is None)  # checkpoints carry it (universal.py)

@@ -101,14 +101,16 @@ def one_line(e: BaseException) -> str:
 
 def poll_until(ready: Callable[[], Any], *, timeout_s: float, on_timeout: Callable[[], WaitError],
                check: Optional[Callable[[], None]] = None, say: Optional[Callable[[float], None]] = None,
-               say_every_s: float = 600.0, first_say_s: Optional[float] = None) -> Any:
+               say_every_s: float = 600.0, first_say_s: Optional[float] = None,
+               first_delay_s: float = 0.2, max_delay_s: float = 5.0) -> Any:
     """Call check() (it raises to end the wait early: a failure marker, a stale heartbeat) and ready()
-    until ready() returns something truthy, which is returned. Backs off from 0.2 s to 5 s between
-    looks, so a long wait costs a few metadata operations per 5 s, even on a shared filesystem.
+    until ready() returns something truthy, which is returned. Backs off (x1.5 per look) from
+    first_delay_s to max_delay_s between looks, so a long wait costs a few metadata operations per
+    max_delay_s, even on a shared filesystem.
     say(elapsed_s) every say_every_s (first after first_say_s); after timeout_s (0 = never) raise on_timeout()."""
     start = time.monotonic()
     next_say = start + (say_every_s if first_say_s is None else first_say_s)
-    delay = 0.2
+    delay = first_delay_s
     while True:
         if check is not None:
             check()
@@ -123,7 +125,7 @@ def poll_until(ready: Callable[[], Any], *, timeout_s: float, on_timeout: Callab
             next_say = now + say_every_s
         left = start + timeout_s - now if timeout_s > 0 else delay
         time.sleep(max(0.01, min(delay, left)))
-        delay = min(delay * 1.5, 5.0)
+        delay = min(delay * 1.5, max_delay_s)
 
 
 # --------------------------------------------------------------------------- heartbeats
