@@ -303,14 +303,23 @@ class _Preparer:
                 st.refresh(st.missing())
                 if st.complete():
                     return "done"
-                return [i for i in st.missing() if claims.take(chunk_name(i))] or None
+                return [i for i in st.missing() if not self._ours(i) and claims.take(chunk_name(i))] or None
 
             found = wait_for(sweep, lambda: self._describe_missing(st), self.req.timeout_s, self._failed, self.rank,
-                             max_poll_s=SWEEP_POLL_S)
+                             self.liveness, f"prepare {self.req.key}", max_poll_s=SWEEP_POLL_S)
             if found == "done":
                 return
             for i, side in workers.run((i, st.chunks[i], 0.0) for i in found):
                 self._finished(st, i, side, claims)
+
+    def _ours(self, i: int) -> bool:
+        """Chunk i is claimed by another rank of this launch: never taken over, even if its owner died,
+        because this launch cannot train without that rank anyway; the heartbeats (self.liveness) end
+        the wait with one line naming it. Claims of other jobs' dead processes are taken over."""
+        if self.liveness is None:
+            return False
+        owner = owner_of(os.path.join(self.dir, chunk_name(i) + CLAIM_EXT))
+        return bool(owner) and owner.get("launch") == self.token and owner.get("pid") != os.getpid()
 
     def _describe_missing(self, st: _State) -> str:
         names = [chunk_name(i) for i in st.missing()]
