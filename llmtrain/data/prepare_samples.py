@@ -264,9 +264,14 @@ class _Preparer:
                      self.rank, self.liveness, f"prepare {self.req.key}")  # only the manifest is polled (with backoff)
         return SampleStore(self.dir)
 
+    def _test_arrive(self) -> None:
+        _test_arrive_and_wait(self.counter, self.req.world_size, wait=bool(_test_delays(self.rank)))
+
     def _draw_and_tokenize(self, st: _State, workers: "_Workers", claims: Claims) -> None:
         """Draw chunk numbers until none is left and tokenize those not finished or claimed by others."""
         delays = _test_delays(self.rank)
+        if os.environ.get(TEST_DELAY_ENV):
+            self._test_arrive()
         self._finisher = False
 
         def drawn() -> Iterator[tuple[int, Chunk, float]]:
@@ -413,6 +418,17 @@ class _Workers:
             if self.prep.rank == 0 and time.monotonic() - last_say >= 30:
                 say(0, f"{self.prep.req.key}: {self.prep.count_finished()}/{self.prep.num_chunks} chunks finished")
                 last_say = time.monotonic()
+
+
+def _test_arrive_and_wait(counter: ChunkCounter, world_size: int, wait: bool) -> None:
+    """Test hook (TEST_DELAY_ENV): register this rank; the delayed rank waits (<= 120 s) until every
+    rank has arrived, so a slow-starting rank cannot miss the stall the test is about."""
+    counter.draw("test-arrived")
+    deadline = time.monotonic() + 120
+    while wait and counter.store is not None and time.monotonic() < deadline:
+        if int(counter.store.add(f"{counter.name}/test-arrived", 0)) >= world_size:
+            return
+        time.sleep(0.1)
 
 
 def _test_delays(rank: int) -> list[float]:
