@@ -67,9 +67,9 @@ def main() -> None:
     from transformers import modeling_flash_attention_utils as fa_utils
 
     from conftest import TINY, TOKENIZER
-    from llmtrain import flash_reference
+    from llmtrain.models import flash_reference
     from llmtrain.data.batching import collate_sequences
-    from llmtrain.tasks import model_inputs
+    from llmtrain.objectives.lm_forward import model_inputs
 
     flash_reference.install()
     calls: collections.Counter = collections.Counter()  # module functions are looked up at call time

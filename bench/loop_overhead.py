@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 def bare_block(run, steps: int) -> float:
     """Seconds per step of the bare loop over the next `steps` steps (data position restored after)."""
-    from llmtrain.loop import _to_device
+    from llmtrain.train.loop import _to_device
 
     engine, task, info, t = run.engine, run.task, run.info, run.cfg.train
     saved = run.data.state_dict()
@@ -62,7 +62,7 @@ def bare_block(run, steps: int) -> float:
 
 
 def loop_block(run, steps: int, log_every: int) -> float:
-    from llmtrain.loop import train_loop
+    from llmtrain.train.loop import train_loop
 
     run.cfg.train.max_steps = run.state.step + steps
     run.cfg.train.log_every = log_every
@@ -82,11 +82,11 @@ def _sync(device) -> None:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    from llmtrain import dist
+    from llmtrain import distributed as dist
     from llmtrain.config import load_config
-    from llmtrain.metrics import NullLogger
-    from llmtrain.runner import setup
-    from llmtrain.tasks import TASKS
+    from llmtrain.train.metrics import NullLogger
+    from llmtrain.train.runner import setup
+    from llmtrain.objectives import OBJECTIVES
 
     out = tempfile.mkdtemp(prefix="bench-loop-")
     cfg = load_config(args.recipe, [*args.overrides, f"output_dir={out}", "train.resume=never", "train.eval_every=0",

@@ -348,7 +348,7 @@ def _peak_flops() -> float | None:
     sys.path.insert(0, REPO)
     import torch
 
-    from llmtrain.flops import peak_flops
+    from llmtrain.train.flops import peak_flops
 
     return peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
 

@@ -65,8 +65,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from llmtrain import checkpoint, universal
-    from llmtrain.dist import _free_port
+    from llmtrain.train import checkpoint, universal
+    from llmtrain.distributed.launchers import _free_port
 
     work = args.workdir or tempfile.mkdtemp(prefix="universal_bench_")
     print(f"settings: 2-rank ZeRO-2 fp32 checkpoint (CPU), converter with 1 extract + 1 merge worker, "

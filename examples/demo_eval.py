@@ -22,8 +22,8 @@ def main() -> int:
 
     from llmtrain.config import load_config
     from llmtrain.data.chat import to_messages
-    from llmtrain.generate import complete, load_for_inference
-    from llmtrain.models import init_weights_by_name
+    from llmtrain.tools.generate import complete, load_for_inference
+    from llmtrain.models.loading import init_weights_by_name
 
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", required=True)

@@ -29,7 +29,7 @@ def main() -> int:
     from llmtrain.data.chat import RowError
     from llmtrain.data.preference import to_pair
     from llmtrain.data.sources import BadRow, DataError, read_rows
-    from llmtrain.generate import complete, load_for_inference
+    from llmtrain.tools.generate import complete, load_for_inference
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)

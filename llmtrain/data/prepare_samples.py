@@ -37,7 +37,7 @@ from .coordination import SAY_EVERY_S, ChunkCounter, cleanup_tmp, default_store,
 from .sample_worker import EncodeSpec, chunk_name, init_worker, run_chunk  # noqa: F401  (EncodeSpec: API)
 from .samples import (FORMAT_VERSION, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, data_fingerprint,
                       write_json_atomic)
-from .shards import dtype_for_vocab
+from .shards.store import dtype_for_vocab
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
 PLAN_NAME, FAILED_NAME = "plan.json", "failed.json"

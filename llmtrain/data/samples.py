@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .chat import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 FORMAT_NAME = "llmtrain.samples"
 FORMAT_VERSION = 1

@@ -229,7 +229,7 @@ class SplitReader:
         """Every source row in chunks, in source and file order. A file is cut into about
         `target_chunks` chunks of MIN_CHUNK_ROWS..max_rows_per_chunk rows, so that hundreds of
         processes can share even a mid-sized file. Depends on the data only."""
-        from .prepare import _jsonl_cuts  # numpy newline scan: ~GB/s, no Python object per line
+        from .shards.prepare import _jsonl_cuts  # numpy newline scan: ~GB/s, no Python object per line
 
         chunks = []
         for i in range(len(self.srcs)):

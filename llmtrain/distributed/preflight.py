@@ -1,6 +1,6 @@
 """Preflight: before hours are spent, check that every rank runs the same thing and the links are sound.
 
-Runs at the start of every training run (right after dist.init) and on its own:
+Runs at the start of every training run (right after dist.init) and on its own (llmtrain.cli.preflight):
     python|torchrun|deepspeed|mpirun|srun ... launch/preflight.py --recipe R [key=value ...]
     python launch/preflight.py --hostfile H        # only: can every host of a DeepSpeed hostfile be reached?
 
@@ -12,7 +12,6 @@ Cost at start-up: a tokenizer load, a stat of the data files, two small gathers 
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -25,10 +24,12 @@ from typing import Any, Optional
 
 import torch
 
-from . import dist
-from .config import Config, ConfigError, load_config, sources, to_dict
+from ..config import Config, DataConfig, sources, to_dict
+from ..errors import ConfigError
+from . import ranks as dist
+from .launchers import DistInfo
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # llmtrain/: its sources are hashed
 PROBE_MB = 64  # size of one all-reduce of the bandwidth probe (fp32), in MiB
 PROBE_ITERS = 3  # timed all-reduces (after one untimed warm-up)
 SLOW_FRACTION = 0.5  # a rank whose bus bandwidth is below this share of the median is named as slow
@@ -126,12 +127,6 @@ def library_versions() -> str:
     return f"torch {torch.__version__} deepspeed {v('deepspeed')} transformers {v('transformers')}"
 
 
-def tokenizer_identity(cfg: Config) -> str:
-    from .models import load_tokenizer, tokenizer_hash
-
-    return tokenizer_hash(load_tokenizer(cfg))
-
-
 def _files_of(path: str) -> list[tuple[str, int]]:
     """(path, size) of every file a source path names: a file, a glob, or a directory (walked)."""
     paths = sorted(glob.glob(path, recursive=True)) if any(ch in path for ch in "*?[") else [path]
@@ -146,30 +141,25 @@ def _files_of(path: str) -> list[tuple[str, int]]:
     return out
 
 
-def data_manifest(cfg: Config) -> tuple[str, int, int]:
+def data_manifest(d: DataConfig) -> tuple[str, int, int]:
     """(hash of the train/eval source files' paths and sizes, file count, bytes). A source missing on
     one node changes the hash; mtimes are left out (copies on node-local disks differ in them)."""
     lines = []
     for key in ("data.train", "data.eval"):
-        for src in (sources(cfg, key) if _get_list(cfg, key) else []):
+        for src in sources(d, key):
             files = _files_of(src.path)
             lines += [f"{key}|{os.path.abspath(p)}|{size}" for p, size in files] or [f"{key}|{src.path}|missing"]
     total = sum(int(x.rsplit("|", 1)[1]) for x in lines if not x.endswith("|missing"))
     return _short_hash("\n".join(lines)), len(lines), total
 
 
-def _get_list(cfg: Config, key: str) -> list:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name) or []
-
-
-def rank_report(cfg: Config, info: dist.DistInfo) -> dict[str, Any]:
-    manifest, n_files, n_bytes = data_manifest(cfg)
+def rank_report(cfg: Config, info: DistInfo, tokenizer_hash: str) -> dict[str, Any]:
+    manifest, n_files, n_bytes = data_manifest(cfg.data)
     return {
         "rank": info.rank, "local_rank": info.local_rank, "host": dist.host_name(), "pid": os.getpid(),
         "device": _device_name(info.device),
         "config": config_hash(cfg), "code": code_version(), "libraries": library_versions(),
-        "tokenizer": tokenizer_identity(cfg), "data": manifest, "data_files": n_files, "data_bytes": n_bytes,
+        "tokenizer": tokenizer_hash, "data": manifest, "data_files": n_files, "data_bytes": n_bytes,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }
 
@@ -212,7 +202,7 @@ def mismatches(reports: list[dict], config_dicts: Optional[list[dict]] = None) -
 
 # --- bandwidth ----------------------------------------------------------------------------------
 
-def bandwidth_probe(info: dist.DistInfo, size_mb: int = PROBE_MB, iters: int = PROBE_ITERS) -> float:
+def bandwidth_probe(info: DistInfo, size_mb: int = PROBE_MB, iters: int = PROBE_ITERS) -> float:
     """This rank's all-reduce bus bandwidth in GB/s: algorithm bandwidth x 2(n-1)/n, the nccl-tests
     convention (the bytes each rank sends and receives in a ring all-reduce). 0.0 in one process."""
     import torch.distributed as tdist
@@ -253,12 +243,13 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def run(cfg: Config, info: dist.DistInfo) -> list[dict]:
-    """Gather every rank's identity, fail naming the ranks that differ from rank 0, probe bandwidth, report."""
+def run(cfg: Config, info: DistInfo, tokenizer_hash: str) -> list[dict]:
+    """Gather every rank's identity, fail naming the ranks that differ from rank 0, probe bandwidth, report.
+    tokenizer_hash: models.tokenizer.tokenizer_hash of the tokenizer this rank loaded."""
     import torch.distributed as tdist
 
     start = time.perf_counter()
-    mine = rank_report(cfg, info)
+    mine = rank_report(cfg, info, tokenizer_hash)
     mine["busbw"] = bandwidth_probe(info)
     reports = [mine]
     if info.world_size > 1:
@@ -294,7 +285,7 @@ def run(cfg: Config, info: dist.DistInfo) -> list[dict]:
 
 
 def _fail(message: str) -> PreflightError:
-    """Every rank reports the line (runner.main prints only rank 0's)."""
+    """Every rank reports the line (the command prints only rank 0's)."""
     if dist.launcher_rank() != 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     return PreflightError(message)
@@ -323,32 +314,3 @@ def check_hostfile(path: str, ssh_port: int = 22, timeout_s: float = 3.0) -> lis
         except OSError as e:
             problems.append(f"{host} ({addr[0]}): ssh port {ssh_port} not reachable within {timeout_s:g} s ({e.strerror or e})")
     return problems
-
-
-# --- standalone ---------------------------------------------------------------------------------
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="llmtrain preflight: ranks, identity checks, all-reduce bandwidth")
-    p.add_argument("--recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("--hostfile", help="only check that every host of this DeepSpeed hostfile resolves and answers on ssh")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
-    args = p.parse_args(argv)
-    if args.hostfile:
-        problems = check_hostfile(args.hostfile)
-        for line in problems:
-            print(f"error: hostfile {line}", file=sys.stderr, flush=True)
-        print(f"preflight: hostfile {args.hostfile}: {'ok' if not problems else f'{len(problems)} problem(s)'}", flush=True)
-        return 2 if problems else 0
-    if not args.recipe:
-        p.error("--recipe is required (or --hostfile)")
-    code = 0
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
-        run(cfg, info)
-    except ConfigError as e:
-        if dist.launcher_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    return dist.finish(code)

@@ -34,13 +34,13 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
-from . import dist
-from .config import ConfigError
+from ..errors import ConfigError, LlmtrainError
+from . import ranks as dist
 
 MARKERS = ".llmtrain-wait"  # subdirectory of marker_dir holding <name>-<token>.done / .failed
 
 
-class OtherRankFailed(RuntimeError):
+class OtherRankFailed(LlmtrainError, RuntimeError):
     """The working rank failed (and printed its one-line error): this rank ends with the same status."""
 
     def __init__(self, message: str, exit_code: int):
@@ -53,13 +53,8 @@ class WaitTimeout(ConfigError):
 
 
 def exit_code_of(e: BaseException) -> int:
-    """The exit status runner.main gives `e`: its own `exit_code`, 2 for one-line user errors, else 1."""
-    from .data.sources import DataError  # late: this module sits below the data package
-
-    code = getattr(e, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    return 2 if isinstance(e, (ConfigError, DataError)) else 1
+    """The exit status a command gives `e`: an LlmtrainError's `exit_code` (errors.py), 1 for anything else."""
+    return e.exit_code if isinstance(e, LlmtrainError) else 1
 
 
 def one_line(e: BaseException) -> str:

@@ -10,12 +10,12 @@ returned untouched (the CPU path every test runs).
                        model), while the embedding, mask construction, LM head and loss stay eager,
                        so packing's position_ids masks and the chunked head work unchanged. On
                        flash-attn the packed-sample boundaries enter the compiled layers as kwargs
-                       (`tasks.model_inputs`); their max lengths are Python ints, which dynamo
+                       (`objectives.lm_forward.model_inputs`); their max lengths are Python ints, which dynamo
                        makes dynamic once they change (a recompile or two, not one per batch).
 
-flash_attention_2 is chosen in `models.choose_attention` (auto: CUDA + flash-attn installed +
-bf16/fp16). CPU tests of every switch: tests/test_fastpaths.py (Liger and QLoRA with the CUDA
-library stood in for, compile with a stand-in backend) and tests/test_flash_packed.py.
+flash_attention_2 is chosen in `models.attention.choose_attention` (auto: CUDA + flash-attn installed +
+bf16/fp16). CPU tests of every switch: tests/unit/test_fastpaths.py (Liger and QLoRA with the CUDA
+library stood in for, compile with a stand-in backend) and tests/unit/test_flash_packed.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import importlib.util
 
 import torch
 
-from .config import Config, ConfigError
+from ..config import ModelConfig
+from ..errors import ConfigError
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -58,10 +59,10 @@ def apply_compile(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def apply_fast_paths(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+def apply_fast_paths(model: torch.nn.Module, m: ModelConfig, device: torch.device) -> torch.nn.Module:
     """Called once, right after the model is loaded and before DeepSpeed wraps it."""
-    if cfg.model.liger:
+    if m.liger:
         model = apply_liger(model, device)
-    if cfg.model.compile:
+    if m.compile:
         model = apply_compile(model)
     return model

@@ -1,111 +1,46 @@
-"""Tokenizer and model loading: hub id, local directory or from-scratch config; attention choice; ZeRO-3 init."""
+"""The model a run trains: built from model.config or loaded from a hub id / local directory, with
+the objective's head, partitioned while it loads under ZeRO-3, LoRA-wrapped when asked."""
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
-from .config import Config, ConfigError
+from ..config import LoraConfig, ModelConfig
+from ..errors import ConfigError
+from .attention import choose_attention
+from .hub import load_error
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Objective.head -> the transformers auto class that builds it (a reward model adds its
+# sequence-classification head here, issue 14)
+HEADS = {"causal_lm": "AutoModelForCausalLM"}
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
-
-
-def _load_error(key: str, path: str, err: Exception, remote_code_switch: str = "model.trust_remote_code=true") -> ConfigError:
-    if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-        return ConfigError(f"{key}: directory {path!r} not found (give a local model directory or a hub id)")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "contains custom code" in first:  # transformers' refusal names no switch
-        first = f"it ships its own model code; set {remote_code_switch} if you trust that code"
-    return ConfigError(f"{key}: cannot load {path!r}: {first}")
-
-
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    from .data.chat import ensure_chat_template
-
-    m = cfg.model
-    path = m.tokenizer or m.name_or_path
-    key = "model.tokenizer" if m.tokenizer else "model.name_or_path"
-    try:
-        tok = AutoTokenizer.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except Exception as e:  # transformers raises OSError/ValueError/EnvironmentError variants
-        raise _load_error(key, path, e) from None
-    if not tok.is_fast:
-        raise ConfigError(f"{key}: {path!r} has no fast (Rust) tokenizer; assistant masking needs character offsets")
-    if tok.pad_token_id is None:
-        # padded positions carry IGNORE_INDEX labels and sit after real tokens: any id will do
-        tok.pad_token = tok.eos_token
-    ensure_chat_template(tok, m.chat_template)
-    return tok
-
-
-def tokenizer_hash(tok) -> str:
-    """Identity of the vocabulary + template: checked on resume and against prepared shards."""
-    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
-    h.update((tok.chat_template or "").encode())
-    return h.hexdigest()[:16]
-
-
-def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto: flash_attention_2 on CUDA when flash-attn is installed and the weights are bf16/fp16,
-    else sdpa (the CPU path). The flash-attn kernels take only fp16/bf16 inputs: with fp32 weights
-    transformers hands them fp32 and the kernel fails on the first forward, so that choice is a
-    config error here instead.
-
-    Test hook: LLMTRAIN_FLASH_REFERENCE=1 lets an explicit flash_attention_2 run where the kernel
-    is missing (a CPU) on the pure-PyTorch kernels of `llmtrain.flash_reference`; everything else
-    on the flash path (transformers' flash wrapper, our varlen kwargs) runs for real.
-    """
-    from . import flash_reference
-
-    half = dtype in (torch.bfloat16, torch.float16)
-    if requested == "auto":
-        return "flash_attention_2" if half and flash_reference.real_kernel_available(device) else "sdpa"
-    if requested == "flash_attention_2":
-        if not flash_reference.real_kernel_available(device):
-            if not flash_reference.install_if_requested(device):
-                raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and "
-                                  "`pip install flash-attn`; use auto or sdpa")
-            from . import dist
-
-            dist.print0(f"attention: flash_attention_2 on the pure-PyTorch reference kernels "
-                        f"({flash_reference.ENV_SWITCH}=1; slow, for tests and debugging)")
-        if not half:
-            raise ConfigError("model.attn_implementation=flash_attention_2 needs train.precision=bf16 or fp16 "
-                              "(the flash-attn kernels take no fp32); use sdpa for fp32")
-    return requested
-
-
-def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: torch.device):
-    """Build or load the causal LM. Under ZeRO-3 it is partitioned while it loads.
+def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: dict, precision: str,
+               device: torch.device, head: str = "causal_lm"):
+    """Build or load the model with the objective's `head` (HEADS). Under ZeRO-3 it is partitioned while it loads.
 
     `HfDeepSpeedConfig` must be alive while the model is created: transformers then wraps
     creation in `deepspeed.zero.Init`, so each rank only ever materialises its own shard of
     the fp32 weights (and from_pretrained scatters checkpoint shards straight into it).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from .engine import zero_stage
-
-    m = cfg.model
+    auto_class = getattr(transformers, HEADS[head])
     dtype = _DTYPES[precision]
     attn = choose_attention(m.attn_implementation, device, dtype)
-    stage = zero_stage(ds_config)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     quant = {}
-    if cfg.lora.qlora:
+    if lo.qlora:
         from .lora import check_qlora, quantization_kwargs
 
-        check_qlora(cfg, device, stage)
-        quant = quantization_kwargs(cfg, device)
+        check_qlora(lo, device, stage)
+        quant = quantization_kwargs(device)
     keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None  # noqa: F841
-    torch.manual_seed(cfg.train.seed)  # from-scratch init: see init_weights_by_name
+    torch.manual_seed(seed)  # from-scratch init: see init_weights_by_name
     if m.config is not None:
         spec = dict(m.config)
         model_type = spec.pop("model_type")
@@ -116,22 +51,22 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
         try:
             hf_config = AutoConfig.for_model(model_type, **spec)
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{cfg.where('model.config')}: model.config: {e}") from None
+            raise ConfigError(f"{m.where('model.config')}: model.config: {e}") from None
         hf_config._attn_implementation = attn
         # the RNG streams are left as train.seed set them whatever the stage consumed (dropout follows)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
-            init_weights_by_name(model, cfg.train.seed, zero3=stage == 3)
+            model = auto_class.from_config(hf_config, dtype=dtype, attn_implementation=attn)
+            init_weights_by_name(model, seed, zero3=stage == 3)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_class.from_pretrained(
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code,
                 dtype=dtype, attn_implementation=attn, **quant,
             )
         except ConfigError:
             raise
         except Exception as e:
-            raise _load_error("model.name_or_path", m.name_or_path, e) from None
+            raise load_error("model.name_or_path", m.name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has "
@@ -140,10 +75,10 @@ def load_model(cfg: Config, tokenizer, ds_config: dict, precision: str, device: 
     model.config.use_cache = False  # a KV cache would stop transformers isolating packed samples
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
+    if lo.enabled:
         from .lora import apply_lora
 
-        model = apply_lora(model, cfg, dtype)  # base frozen: only adapter params require grad
+        model = apply_lora(model, lo, m, dtype)  # base frozen: only adapter params require grad
     return model
 
 
@@ -168,7 +103,7 @@ def init_weights_by_name(model: torch.nn.Module, seed: int, zero3: bool) -> None
     from transformers.initialization import guard_torch_init_functions
     from transformers.modeling_utils import PreTrainedModel
 
-    from . import dist
+    from .. import distributed as dist
 
     for t in list(model.parameters()) + list(model.buffers()):
         if hasattr(t, "_is_hf_initialized"):  # e.g. tied weights: HF's init functions would skip them
@@ -206,15 +141,3 @@ def init_weights_by_name(model: torch.nn.Module, seed: int, zero3: bool) -> None
     with torch.no_grad(), guard_torch_init_functions():
         visit(model, "", model._init_weights)
     model.tie_weights()
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total), correct under ZeRO-3 where local tensors are empty shards."""
-    def numel(p):
-        quant = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: two weights per stored byte
-        if quant is not None:
-            return int(torch.Size(quant.shape).numel())
-        return getattr(p, "ds_numel", p.numel())
-
-    params = list(model.parameters())
-    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)

@@ -16,8 +16,11 @@ import shutil
 
 import torch
 
-from . import dist
-from .config import Config, ConfigError
+from .. import distributed as dist
+from ..config import LoraConfig, ModelConfig
+from ..errors import ConfigError
+from .hub import load_error
+from .params import count_parameters
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -25,9 +28,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 # --------------------------------------------------------------------------- QLoRA loading
 
 
-def check_qlora(cfg: Config, device: torch.device, stage: int) -> None:
+def check_qlora(lo: LoraConfig, device: torch.device, stage: int) -> None:
     """QLoRA is a CUDA + bitsandbytes feature: say so before any weight is read."""
-    where = cfg.where("lora.qlora")
+    where = lo.where("lora.qlora")
     if device.type != "cuda":
         raise ConfigError(f"{where}: lora.qlora=true needs a CUDA GPU (bitsandbytes 4-bit), this process runs on "
                           f"{device.type}; set lora.qlora=false for plain LoRA")
@@ -38,7 +41,7 @@ def check_qlora(cfg: Config, device: torch.device, stage: int) -> None:
                           "only adapters are optimised); pick deepspeed.config=ds_configs/zero2.json")
 
 
-def quantization_kwargs(cfg: Config, device: torch.device) -> dict:
+def quantization_kwargs(device: torch.device) -> dict:
     """from_pretrained arguments for a 4-bit NF4 base with double quantisation and bf16 compute."""
     from transformers import BitsAndBytesConfig
 
@@ -51,15 +54,14 @@ def quantization_kwargs(cfg: Config, device: torch.device) -> dict:
 # --------------------------------------------------------------------------- wrapping
 
 
-def peft_config(cfg: Config):
+def peft_config(lo: LoraConfig, revision: str | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
-    lo = cfg.lora
     return PeftLoraConfig(
         task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
         target_modules=lo.target_modules, modules_to_save=list(lo.modules_to_save) or None,
         use_dora=lo.use_dora, bias="none",
-        revision=cfg.model.revision,  # recorded in adapter_config.json: a merge loads this base revision (PEFT's convention)
+        revision=revision,  # model.revision, recorded in adapter_config.json: a merge loads this base revision (PEFT's convention)
     )
 
 
@@ -74,33 +76,30 @@ def _linear_names(model: torch.nn.Module, limit: int = 8) -> list[str]:
     return names[:limit]
 
 
-def apply_lora(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lo: LoraConfig, m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     """Base model -> PeftModel with only adapter (and modules_to_save) parameters trainable.
 
     `dtype` is the base's unquantised dtype: what a merged export is written in."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .models import count_parameters
-
-    lo, m = cfg.lora, cfg.model
     if lo.qlora:
         # casts norms to fp32 for stability and freezes the 4-bit base
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=m.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        model = get_peft_model(model, peft_config(cfg))
+        model = get_peft_model(model, peft_config(lo, m.revision))
     except ValueError as e:
         msg = str(e)
         if "not found in the base model" in msg or "Target module" in msg:
             raise ConfigError(
-                f"{cfg.where('lora.target_modules')}: lora.target_modules={lo.target_modules!r} matches no module of "
+                f"{lo.where('lora.target_modules')}: lora.target_modules={lo.target_modules!r} matches no module of "
                 f"the model; linear layers it has: {', '.join(_linear_names(model))} (or use all-linear)") from None
         if "modules_to_save" in msg or "not found" in msg:
-            raise ConfigError(f"{cfg.where('lora.modules_to_save')}: {msg.splitlines()[0]}") from None
+            raise ConfigError(f"{lo.where('lora.modules_to_save')}: {msg.splitlines()[0]}") from None
         raise
     if lo.modules_to_save:
-        _check_modules_to_save(model, cfg)
+        _check_modules_to_save(model, lo)
     if m.gradient_checkpointing:
         # checkpointed blocks see frozen embeddings: without an input that requires grad,
         # recomputation would drop the adapter gradients
@@ -113,13 +112,13 @@ def apply_lora(model: torch.nn.Module, cfg: Config, dtype: torch.dtype) -> torch
     return model
 
 
-def _check_modules_to_save(model, cfg: Config) -> None:
+def _check_modules_to_save(model, lo: LoraConfig) -> None:
     wrapped = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if type(mod).__name__ == "ModulesToSaveWrapper"}
-    missing = [n for n in cfg.lora.modules_to_save if n.rsplit(".", 1)[-1] not in wrapped]
+    missing = [n for n in lo.modules_to_save if n.rsplit(".", 1)[-1] not in wrapped]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.base_model.model.named_children()} |
                        {"embed_tokens", "lm_head"} & {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
-        raise ConfigError(f"{cfg.where('lora.modules_to_save')}: lora.modules_to_save {missing} match no module of "
+        raise ConfigError(f"{lo.where('lora.modules_to_save')}: lora.modules_to_save {missing} match no module of "
                           f"the model (e.g. {', '.join(names)})")
 
 
@@ -159,9 +158,7 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", **load_args)
     except Exception as e:
-        from .models import _load_error
-
-        raise _load_error("--base", base, e, "--trust-remote-code (model.trust_remote_code=true in a run)") from None
+        raise load_error("--base", base, e, "--trust-remote-code (model.trust_remote_code=true in a run)") from None
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as e:

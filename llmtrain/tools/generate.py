@@ -37,7 +37,7 @@ def complete(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 def load_for_inference(path: str, device: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.chat import ensure_chat_template
+    from ..data.chat import ensure_chat_template
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""`launch/inspect_data.py`: show what is trained before spending GPU hours on it.
+"""The mask preview (`llmtrain inspect`, launch/inspect_data.py): what is trained, before GPU hours are spent on it.
 
 Text preview (default): decoded samples with trained tokens highlighted, the split's share of
 trained tokens and its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
@@ -11,16 +11,15 @@ row index, as in bad-row reports). Rows go through the same encode_row the train
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-from .config import ConfigError, load_config, sources
-from .data.chat import IGNORE_INDEX, RowError, chat_options
-from .data.sources import BadRow, DataError
+from ..config import DataConfig, sources
+from ..data.chat import RowError, chat_options
+from ..data.labels import IGNORE_INDEX
+from ..data.sources import BadRow
 
 
 def highlight(tokenizer, ids: np.ndarray, labels: np.ndarray, color: bool) -> str:
@@ -48,13 +47,12 @@ def _line(origin: str) -> int:
     return int(origin.rsplit(":", 1)[1].lstrip("#"))
 
 
-def mask_records(tok, cfg, n: int):
+def mask_records(tok, d: DataConfig, n: int):
     """The first n rows of data.train as DESIGN.md 1.4 objects, encoded exactly as training encodes them."""
-    from .data.sft import encode_row, iter_rows
+    from ..data.sft import encode_row, iter_rows
 
-    d = cfg.data
     chat = chat_options(d)
-    for k, (row, src) in enumerate(iter_rows(sources(cfg, "data.train"), "data.train")):
+    for k, (row, src) in enumerate(iter_rows(sources(d, "data.train"), "data.train")):
         if k >= n:
             return
         if isinstance(row, BadRow):
@@ -74,12 +72,12 @@ def mask_records(tok, cfg, n: int):
         yield {"line": _line(row.origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
 
 
-def write_json(tok, cfg, n: int, out_path: str) -> int:
+def write_json(tok, d: DataConfig, n: int, out_path: str) -> int:
     """Write the preview atomically (a reader never sees half a file); returns the rows written."""
     tmp = out_path + ".tmp"
     rows = bad = 0
     with open(tmp, "w") as f:
-        for rec in mask_records(tok, cfg, n):
+        for rec in mask_records(tok, d, n):
             f.write(json.dumps(rec) + "\n")
             rows, bad = rows + 1, bad + ("bad" in rec)
     os.replace(tmp, out_path)
@@ -87,36 +85,20 @@ def write_json(tok, cfg, n: int, out_path: str) -> int:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Preview tokenized training samples and their loss mask")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("-n", "--num-samples", type=int, default=3)
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    p.add_argument("--json", metavar="OUT", help="write the first N rows' token ids and trained flags as JSON Lines")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    try:
-        from .data.prepare_samples import prepared_split
-        from .models import load_tokenizer, tokenizer_hash
-        from .tasks import prepare_request
+def prepared_train_split(d: DataConfig, output_dir: str, tok, tok_hash: str):
+    """data.train prepared exactly as a training run prepares it (parallel, cached: a later run reuses
+    it, and vice versa), except that every bad row is shown instead of stopping at the budget."""
+    from ..data.prepare_samples import prepared_split
+    from ..data.splits import prepare_request
 
-        cfg = load_config(args.recipe, args.overrides)
-        tok = load_tokenizer(cfg)
-        if args.json:
-            write_json(tok, cfg, args.num_samples, args.json)
-            return 0
-        # the same preparation a training run does (parallel, cached): a later run reuses it, and vice versa
-        request = prepare_request(cfg, tokenizer_hash(tok), "data.train", "sft")
-        request.max_bad_fraction = 1.0  # a preview shows every bad row instead of stopping at the budget
-        samples, report = prepared_split(request, tok)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # --json OUT in a missing or read-only directory
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    for i in range(min(args.num_samples, samples.num_seqs)):
+    request = prepare_request(d, output_dir, tok_hash, "data.train", "sft")
+    request.max_bad_fraction = 1.0
+    return prepared_split(request, tok)
+
+
+def print_preview(tok, samples, report, n: int, color: bool, max_seq_len: int) -> None:
+    """The first n samples with their trained tokens highlighted, then the split's totals and bad rows."""
+    for i in range(min(n, samples.num_seqs)):
         ids, labels = samples.seq(i)
         n_trained = int((labels[1:] != IGNORE_INDEX).sum())
         print(f"--- sample {i}: {len(ids)} tokens, {n_trained} trained ---")
@@ -125,8 +107,7 @@ def main(argv=None) -> int:
     total = int(samples.seq_lengths().sum())
     print(f"--- {samples.num_seqs} samples, {total} tokens, {int(targets.sum())} trained "
           f"({targets.sum() / max(total, 1):.1%}); mean length {total / max(samples.num_seqs, 1):.1f}, "
-          f"max {int(samples.seq_lengths().max(initial=0))} (data.max_seq_len={cfg.data.max_seq_len})")
+          f"max {int(samples.seq_lengths().max(initial=0))} (data.max_seq_len={max_seq_len})")
     print(f"--- {report.summary()}")
     if report.dropped_too_long:
         print(f"--- dropped {report.dropped_too_long} samples longer than data.max_seq_len (data.truncation=drop)")
-    return 0

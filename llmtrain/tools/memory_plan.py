@@ -11,7 +11,7 @@ Model states (mixed precision + AdamW; Rajbhandari et al. 2020, "ZeRO"), bytes p
 DeepSpeed's own estimators (deepspeed.runtime.zero.stage_1_and_2 / stage3
 `estimate_zero*_model_states_mem_needs`) add working buffers on top: ZeRO-2 also counts a 4 P / N
 fp32 gradient partition; ZeRO-3 counts 18 P / N and a 4-byte copy of the largest layer
-(tests/test_plan.py pins the exact relation).
+(tests/unit/test_plan.py pins the exact relation).
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", eq. 2, 16-bit activations), per layer, s = tokens per row, b = micro-batch, h = hidden,
@@ -29,11 +29,11 @@ These are estimates: measure with a short run before committing a cluster alloca
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 
 GIB = 1024**3
 BYTES_PARAM16, BYTES_GRAD16, BYTES_OPTIM32 = 2, 2, 12  # per parameter: bf16 weight, bf16 grad, fp32 master + m + v
@@ -245,36 +245,3 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, model_config_path: Option
         lines.append(f"hint: train.loss_chunk_tokens=1024 would cut activations to ~{chunked:.1f} GiB "
                      f"(the {shape.vocab:,}-token logits are never materialised)")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from .config import load_config
-
-    p = argparse.ArgumentParser(description="Per-GPU memory of a recipe under ZeRO 0-3 (+offload) and what fits.")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--gpus", type=int, required=True, help="total GPUs (ranks) of the run")
-    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per GPU, GiB (H100 80GB: 79)")
-    p.add_argument("--model-config", help="config.json (file or directory) when the recipe's model is not readable here")
-    p.add_argument("--overhead-gib", type=float, default=2.0, help="CUDA context, NCCL and allocator slack per GPU")
-    p.add_argument("--eager-attention", action="store_true", help="attention scores are stored (no flash/sdpa)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for training")
-    args = p.parse_args(argv)
-    try:
-        if args.gpus < 1 or args.gpu_mem_gib <= 0:
-            raise ConfigError("--gpus must be >= 1 and --gpu-mem-gib > 0")
-        cfg = load_config(args.recipe, args.overrides)
-        cfg_path = args.model_config
-        if cfg_path and os.path.isdir(cfg_path):
-            cfg_path = os.path.join(cfg_path, "config.json")
-        print(report(cfg, args.gpus, args.gpu_mem_gib, cfg_path, args.overhead_gib, flash=not args.eager_attention))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,11 @@
 """Run curves from metrics.jsonl -> PNG: loss (train + eval), learning rate, tokens/s and, for
 DPO, reward accuracy and margin. One run (`write_curves`, called at the end of every run) or
-several overlaid (`plot_runs`, used by `launch/plot.py`).
+several overlaid (`plot_runs`, used by `llmtrain plot` / `launch/plot.py`).
 
-matplotlib is imported lazily with the Agg backend (no display needed on a cluster node). A
-failure to plot never fails a run: `write_curves` warns and returns None.
+matplotlib (a base dependency) is imported lazily with the Agg backend (no display needed on a
+cluster node). A failure to plot never fails a run: `write_curves` says at the end of the run why
+there is no curves.png (matplotlib missing from an environment installed without dependencies, an
+unreadable metrics.jsonl) and returns None.
 """
 from __future__ import annotations
 
@@ -81,13 +83,20 @@ def plot_runs(runs: dict[str, list[dict]], out_path: str, title: Optional[str] =
 def write_curves(output_dir: str) -> Optional[str]:
     """output_dir/curves.png from output_dir/metrics.jsonl (rank 0 only: it wrote the metrics);
     warns (never raises) on failure."""
-    from . import dist
+    from .. import distributed as dist
 
     if not dist.is_main():
         return None
+    out = os.path.join(output_dir, "curves.png")
+    try:
+        import matplotlib  # noqa: F401  (a base dependency; absent only from an install without dependencies)
+    except ImportError:
+        dist.warn(f"no {out}: matplotlib is not installed in this environment; metrics.jsonl holds the same "
+                  f"figures: pip install matplotlib, then `llmtrain plot {output_dir}` draws them")
+        return None
     try:
         return plot_runs({os.path.basename(os.path.normpath(output_dir)): read_metrics(output_dir)},
-                         os.path.join(output_dir, "curves.png"), title=os.path.normpath(output_dir))
+                         out, title=os.path.normpath(output_dir))
     except Exception as e:  # a plot is a convenience: the run itself succeeded
-        dist.warn(f"could not write {os.path.join(output_dir, 'curves.png')}: {type(e).__name__}: {e}")
+        dist.warn(f"could not write {out}: {type(e).__name__}: {e}")
         return None

@@ -13,7 +13,6 @@ here (shipped in ``assets/tokenizer/``). Design choices:
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -21,30 +20,15 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..data.chat import CHATML_TEMPLATE  # the template every ChatML tokenizer of this project carries
+from ..errors import LlmtrainError
+
 EOS_TOKEN = "<|endoftext|>"  # end of document / sample; also used as pad (masked via labels, not by id)
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"  # end of a chat turn: generation for chat should stop here too
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]  # trained first, so their ids are 0, 1, 2
 
-# ChatML. Every message renders to a fixed string that depends only on that message, so rendering
-# messages[:k] is a prefix of rendering messages[:k+1]; the SFT data code relies on this to find
-# where each assistant turn starts. {% generation %} marks the trained span (content + <|im_end|>)
-# for `return_assistant_tokens_mask=True`; it renders nothing itself.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\n' -}}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>' + '\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-
-class TokenizerInputError(ValueError):
+class TokenizerInputError(LlmtrainError, ValueError):
     """Bad tokenizer-training input (missing file, empty corpus, missing field); message is one line."""
 
 
@@ -130,21 +114,6 @@ def _write_portable_config(out_dir: str) -> None:
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump(special_map, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
-    """sha256 hex of the canonical tokenizer.json plus the chat template.
-
-    Canonical = JSON with sorted keys and no whitespace, without `truncation`/`padding` (runtime
-    settings that calls like `tok(..., truncation=True)` mutate). The chat template is included
-    because it changes how SFT rows tokenize, so a cache keyed on this hash must notice it.
-    """
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    payload = {"tokenizer_json": spec, "chat_template": tok.chat_template}
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 # --- reading training text from files (used by launch/train_tokenizer.py) ---

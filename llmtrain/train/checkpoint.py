@@ -30,19 +30,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import ckpt_engine, dist, waiting
-from .config import Config, ConfigError
+from .. import distributed as dist
+from ..config import Config
+from ..distributed import waiting
+from ..errors import ConfigError, StorageError
+from . import ckpt_engine
 
 COMPLETE = "COMPLETE"
 RUN_ID = "run_id"  # output_dir/run_id: identity of the run that owns output_dir
 _TAG = re.compile(r"^step_(\d+)$")
 _UNIVERSAL = re.compile(r"^(step_\d+)_universal$")
-
-
-class StorageError(RuntimeError):
-    """A checkpoint, universal copy or final/ could not be written (disk full, I/O error): one line, exit 5."""
-
-    exit_code = 5
 
 
 def tag_for(step: int) -> str:
@@ -374,6 +371,6 @@ def load(engine, path: str, seed: int) -> dict:
 
 
 def is_lora(engine) -> bool:
-    from .lora import is_peft
+    from ..models.lora import is_peft
 
     return is_peft(engine.module)

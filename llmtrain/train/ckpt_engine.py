@@ -31,7 +31,7 @@ import pickle
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -94,7 +94,7 @@ class SafeCheckpointEngine(_checkpoint_engine_base()):
         return self.inner.commit(info)
 
     def _record(self, path: str, e: BaseException) -> None:
-        from .waiting import one_line
+        from ..distributed.waiting import one_line
 
         self.errors.append((path, one_line(e)))
 

@@ -13,9 +13,11 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from . import dist, waiting
-from .checkpoint import StorageError, is_lora, fault_fill_disk, free_bytes, mib, write_atomic
-from .config import DistConfig
+from .. import distributed as dist
+from ..config import DistConfig
+from ..distributed import waiting
+from ..errors import StorageError
+from .checkpoint import fault_fill_disk, free_bytes, is_lora, mib, write_atomic
 
 # what a full disk or an I/O error raises while writing: OSError (open, makedirs), RuntimeError (torch.save:
 # "unexpected pos"), SafetensorError ("I/O error: No space left on device")
@@ -70,7 +72,7 @@ def _write_final(model, tokenizer, state_dict, out_dir: str, lora: bool, step: O
         tokenizer.save_pretrained(tmp)
         export = getattr(model, "llmtrain_export", {}) if lora else {}
         if export.get("merge"):
-            from .lora import merge_into_base
+            from ..models.lora import merge_into_base
 
             merge_into_base(tmp, os.path.join(tmp, "merged"), dtype=export["dtype"],
                             trust_remote_code=export.get("trust_remote_code", False))  # revision: in adapter_config.json

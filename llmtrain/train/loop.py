@@ -1,7 +1,10 @@
-"""The one training loop shared by every task: steps, accumulation, eval, logging, checkpoints."""
+"""The one training loop shared by every task: steps, accumulation, eval, logging, checkpoints.
+
+It knows no task: the objective gives each micro-batch's loss share and the eval row, the engine
+adapter (engine.py) does backward and step with DeepSpeed's quirks, the data plans the steps.
+"""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
@@ -11,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, dist
-from .engine import loss_scale
+from .. import distributed as dist
+from ..data.protocol import to_device
+from ..errors import LlmtrainError
 from .flops import flops_per_token, peak_flops, throughput_columns
 from .metrics import Throughput
 from .signals import Preempted, StopFlag
@@ -27,8 +31,10 @@ class RunState:
     extra: dict = field(default_factory=dict)
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps: every rank raises it at the same step."""
+class NonFiniteError(LlmtrainError, RuntimeError):
+    """Too many consecutive non-finite steps: every rank raises it at the same step (exit status 4)."""
+
+    exit_code = 4
 
 
 def _inject_fault(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
@@ -37,35 +43,6 @@ def _inject_fault(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     if steps and step in {int(x) for x in steps.split(",")} and rank == int(os.environ.get("LLMTRAIN_FAULT_RANK", "0")):
         return loss * float("nan")
     return loss
-
-
-def _nonfinite_grads(engine, device: torch.device) -> bool:
-    """ZeRO-0 (fp32/bf16) has no overflow check of its own: True on every rank if any rank's
-    reduced gradients hold inf/NaN. One all-reduce (and one sync) per step, ZeRO-0 only."""
-    flags = [(~torch.isfinite(p.grad)).any() for p in engine.module.parameters() if p.grad is not None]
-    bad = torch.stack(flags).sum().float() if flags else torch.zeros((), device=device)
-    return bool(dist.all_reduce_sum(bad).item() > 0)
-
-
-@contextlib.contextmanager
-def _no_update(engine):
-    """Let engine.step() do its bookkeeping but apply nothing: zeroed gradients, and the optimizer
-    and LR scheduler steps skipped (as DeepSpeed's ZeRO 1-3 do on overflow)."""
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    patched = [engine.optimizer, engine.lr_scheduler]
-    for obj in patched:
-        obj.step = lambda *a, **k: None  # instance attribute shadows the method for this call
-    try:
-        yield
-    finally:
-        for obj in patched:
-            del obj.step
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class Prefetcher:
@@ -100,69 +77,39 @@ class Prefetcher:
         return item
 
 
-def evaluate(run, eval_set) -> dict:
-    """Loss (and task metrics) over the whole eval set, all ranks, normalised like training."""
-    engine, task = run.engine, run.task
-    engine.eval()
-    loss_sum = torch.zeros((), device=run.info.device, dtype=torch.float64)
-    sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for batch in eval_set.batches:
-            loss, batch_sums = task.loss(engine, _to_device(batch, run.info.device), eval_set.global_weight)
-            loss_sum += loss.double()
-            for k, v in batch_sums.items():
-                sums[k] = sums.get(k, 0) + v.double()
-    engine.train()
-    names = sorted(sums)
-    totals = dist.all_reduce_sum(torch.stack([loss_sum] + [sums[k] for k in names])).tolist()
-    out = {"eval_loss": totals[0]}
-    out.update({f"eval_{k}": v / max(eval_set.global_weight, 1) for k, v in zip(names, totals[1:])})
-    return out
-
-
 def train_loop(run) -> RunState:
-    """`run` carries cfg, info, engine, task, data, logger, tokenizer and the resumed RunState."""
-    cfg, info, engine, task, data, logger = run.cfg, run.info, run.engine, run.task, run.data, run.logger
-    t = cfg.train
+    """`run` (runner.Run) carries the train settings, info, engine adapter, objective, data, logger
+    and the resumed RunState."""
+    t, info, adapter, objective, data, logger = run.train, run.info, run.adapter, run.objective, run.data, run.logger
+    engine = adapter.engine
     state: RunState = run.state
-    # DeepSpeed divides the loss by grad_accum in backward and averages gradients over ranks;
-    # our micro-batch loss is already its share of the global-batch mean, so undo both.
-    backward_scale = t.grad_accum * info.world_size
-    eval_set = data.eval_set() if (t.eval_every or cfg.data.eval or cfg.data.eval_fraction) else None
+    eval_set = data.eval_set()
     throughput = Throughput()
     # tflops_per_gpu / mfu columns: FLOPs per token counted once (ZeRO-3 shards via ds_numel)
-    model_flops_per_token, peak = flops_per_token(engine.module, cfg.data.max_seq_len), peak_flops(info.device)
+    model_flops_per_token, peak = flops_per_token(engine.module, run.seq_len), peak_flops(info.device)
     stop = StopFlag()
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
 
-    # ZeRO-0 (fp32/bf16) has no overflow check of its own. fp16 is refused under ZeRO-0 (see
-    # engine.build_ds_config); under ZeRO 1-3 DeepSpeed's fp16 optimizer checks for inf/NaN, skips
-    # the update and lowers the loss scale itself (counted in engine.skipped_steps)
-    own_skip_check = run.stage == 0
     prefetch = Prefetcher(data, t.max_steps - state.step, pin=info.device.type == "cuda")
     while state.step < t.max_steps:
         plan, batches, run.data_state = prefetch.next()
-        lr_used = engine.get_lr()[0]  # the LR this step applies: the scheduler moves it on inside engine.step()
+        lr_used = adapter.lr()  # the LR this step applies: the scheduler moves it on inside engine.step()
         # --- forward/backward ---
         loss_sum = torch.zeros((), device=info.device, dtype=torch.float32)
         metric_sums: dict[str, torch.Tensor] = {}
-        skipped_before = engine.skipped_steps
         for i, batch in enumerate(batches):
-            loss, sums = task.loss(engine, _to_device(batch, info.device), plan.global_weight)
+            loss, sums = objective.loss(engine, to_device(batch, info.device), plan.global_weight)
             loss = _inject_fault(loss, state.step + 1, info.rank)
-            engine.backward(loss * backward_scale)
+            adapter.backward(loss)
             # --- optimizer step --- (DeepSpeed steps the optimizer and LR at the accumulation boundary)
-            stage0_skip = own_skip_check and i == len(batches) - 1 and _nonfinite_grads(engine, info.device)
-            with _no_update(engine) if stage0_skip else contextlib.nullcontext():
-                engine.step()
+            adapter.step(boundary=i == len(batches) - 1)
             loss_sum += loss.detach().float()
             for k, v in sums.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
         state.step += 1
-        # --- non-finite steps --- ZeRO 1-3 skip the update themselves when the global grad norm is
-        # inf/NaN (every rank sees the same reduced norm, so they skip together); ZeRO-0 via the check above
-        if stage0_skip or engine.skipped_steps > skipped_before:
+        # --- non-finite steps --- (the update was skipped on every rank: see EngineAdapter.step)
+        if adapter.step_skipped():
             state.skipped_steps += 1
             state.consecutive_skips += 1
             logger.log({"step": state.step, "skipped": True, "skipped_steps": state.skipped_steps})
@@ -182,19 +129,18 @@ def train_loop(run) -> RunState:
             names = sorted(metric_sums)
             packed = torch.stack([loss_sum.double()] + [metric_sums[k] for k in names])
             packed = dist.all_reduce_sum(packed).tolist()
-            grad_norm = engine.get_global_grad_norm()
             row = {
                 "step": state.step,
                 "loss": packed[0],
                 "lr": lr_used,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": adapter.grad_norm(),
                 "tokens_per_sec": throughput.rate(),
                 "tokens_seen": state.tokens_seen,
                 "epoch": plan.epoch,
                 "elapsed_sec": time.perf_counter() - start_time,
             }
             if run.precision == "fp16":
-                row["loss_scale"] = loss_scale(engine)  # after this step's update (halved on an overflow)
+                row["loss_scale"] = adapter.loss_scale()  # after this step's update (halved on an overflow)
             row.update(throughput_columns(row["tokens_per_sec"], info.world_size, model_flops_per_token, peak))
             row.update({k: v / max(plan.global_weight, 1) for k, v in zip(names, packed[1:])})
             if not math.isfinite(row["loss"]):
@@ -206,9 +152,7 @@ def train_loop(run) -> RunState:
 
         # --- eval ---
         if eval_set is not None and ((t.eval_every and state.step % t.eval_every == 0) or last):
-            row = {"step": state.step, **evaluate(run, eval_set)}
-            if task.name != "dpo":
-                row["eval_ppl"] = math.exp(min(row["eval_loss"], 50))
+            row = {"step": state.step, **objective.evaluate(engine, eval_set, info.device)}
             logger.log(row)
             logger.message(f"step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 

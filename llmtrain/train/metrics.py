@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from .config import Config, redact, to_dict
+from ..config import Config, redact, to_dict
 
 
 class NullLogger:

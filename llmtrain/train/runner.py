@@ -1,37 +1,38 @@
 """Wire a run together: config -> dist -> tokenizer -> data -> model -> engine -> resume -> loop -> export.
 
-`main(task_name)` is what launch/<task>.py calls. User mistakes (ConfigError, DataError)
-end as one line on stderr and exit status 2, with no traceback; a checkpoint or final/ that
-cannot be written (full disk) as one line and exit status 5.
+`run_task(cfg, objective)` is what `llmtrain <task>` and launch/<task>.py call (llmtrain/cli/train.py
+parses the command line and turns errors into exit statuses). The runner is the one component
+that holds the whole recipe; it hands each other component the section it uses.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from . import checkpoint, dist, export, fastpaths, plots, preflight, universal
-from .config import Config, ConfigError, load_config, save_resolved
-from .data.sources import DataError
-from .loop import NonFiniteError, RunState, train_loop
-from .signals import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
-from .waiting import OtherRankFailed
-
-
-def parse_args(argv: Optional[list[str]], description: str) -> tuple[Optional[str], list[str]]:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
-    args = p.parse_args(argv)
-    return args.recipe, args.overrides
+from .. import distributed as dist
+from ..config import Config, save_resolved
+from ..data.protocol import DataContext, TrainData
+from ..data.tokenizer_id import tokenizer_hash
+from ..distributed import preflight
+from ..errors import ConfigError
+from ..models.fastpaths import apply_fast_paths
+from ..models.loading import load_model
+from ..models.params import count_parameters
+from ..models.tokenizer import load_tokenizer
+from ..objectives.base import Objective
+from ..tools import plots
+from . import checkpoint, export, universal
+from .ds_config import build_ds_config, resolve_precision, zero_stage
+from .engine import EngineAdapter, accumulation_note, initialize
+from .loop import RunState, train_loop
+from .metrics import make_logger
+from .optim import apply_train_settings
 
 
 def seed_everything(seed: int) -> None:
@@ -53,19 +54,43 @@ def check_output_dir(cfg: Config, resuming: bool) -> None:
 
 @dataclass
 class Run:
+    """Everything of one run; `Objective.setup` sees it as an objectives.base.RunContext."""
+
     cfg: Config
-    info: Any
-    task: Any
+    info: Any  # distributed.DistInfo
+    objective: Objective
     tokenizer: Any
     tok_hash: str
-    data: Any
-    engine: Any
-    stage: int
+    data: TrainData
+    adapter: EngineAdapter  # backward/step for the loop
     ds_config: dict
     precision: str
     logger: Any
     state: RunState
     data_state: Optional[dict] = None  # data position after the last trained step (the loop prefetches ahead)
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine (what objectives forward through, checkpoints save and final/ exports)."""
+        return self.adapter.engine
+
+    @property
+    def stage(self) -> int:
+        return self.adapter.stage
+
+    @property
+    def train(self):
+        return self.cfg.train
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.data.max_seq_len
+
+    def load_model(self, ds_config: dict) -> torch.nn.Module:
+        """The starting model once more, exactly as the run loaded it (RunContext.load_model)."""
+        c = self.cfg
+        return load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
+                          head=self.objective.head)
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -78,7 +103,7 @@ class Run:
             "tokenizer_hash": self.tok_hash,
             "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
             "world_size": self.info.world_size,
-            "task": self.task.name,
+            "task": self.objective.name,
         }
 
     def save_checkpoint(self) -> None:
@@ -111,16 +136,8 @@ def check_resume_step(cfg: Config, resume_path: str) -> None:
                           f"{saved_step}, or train.resume=never with overwrite_output_dir=true to start over")
 
 
-def setup(cfg: Config, task) -> Run:
-    from . import engine as eng
-    from .metrics import make_logger
-    from .models import count_parameters, load_model, load_tokenizer, tokenizer_hash
-
-    info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
-    for line in cfg.notices:  # values adjusted while loading (e.g. warmup clamped to max_steps)
-        dist.print0(line)
-    preflight.run(cfg, info)  # same config/code/tokenizer/data on every rank; rank table; link bandwidth
-    seed_everything(cfg.train.seed)
+def _start(cfg: Config, info) -> Optional[str]:
+    """Rank 0 readies output_dir (config.yaml, run identity); returns the checkpoint to resume, if any."""
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
     if resume_path is not None:
@@ -133,37 +150,52 @@ def setup(cfg: Config, task) -> Run:
         save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         checkpoint.write_run_id(cfg.output_dir, fresh=resume_path is None)  # checkpoints carry it (universal.py)
     dist.barrier()
+    return resume_path
 
-    tokenizer = load_tokenizer(cfg)
+
+def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optional[str]) -> Optional[str]:
+    if resume_path is None or zero_stage(ds_config) == 0:
+        return resume_path
+    saved_world = checkpoint.saved_state(resume_path).get("world_size", info.world_size)
+    if saved_world == info.world_size:
+        return resume_path
+    # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
+    dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
+                "loading it through a universal checkpoint")
+    ds_config["checkpoint"] = {"load_universal": True}
+    return universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
+
+
+def setup(cfg: Config, objective: Objective) -> Run:
+    info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    for line in cfg.notices:  # values adjusted while loading (e.g. warmup clamped to max_steps)
+        dist.print0(line)
+    tokenizer = load_tokenizer(cfg.model)
     tok_hash = tokenizer_hash(tokenizer)
-    ds_config = eng.build_ds_config(cfg, info.world_size, info.device)
-    precision = eng.resolve_precision(cfg, info.device)
-    data = task.build_data(cfg, tokenizer, info, tok_hash)
-    if resume_path is not None and eng.zero_stage(ds_config) > 0:
-        saved_world = checkpoint.saved_state(resume_path).get("world_size", info.world_size)
-        if saved_world != info.world_size:
-            # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
-            dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
-                        "loading it through a universal checkpoint")
-            resume_path = universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
-            ds_config["checkpoint"] = {"load_universal": True}
-    model = load_model(cfg, tokenizer, ds_config, precision, info.device)
-    model = fastpaths.apply_fast_paths(model, cfg, info.device)  # model.liger / model.compile (explicit switches)
+    preflight.run(cfg, info, tok_hash)  # same config/code/tokenizer/data on every rank; rank table; link bandwidth
+    seed_everything(cfg.train.seed)
+    resume_path = _start(cfg, info)
+
+    t = cfg.train
+    ds_config = build_ds_config(t, cfg.deepspeed, info.world_size, info.device)
+    precision = resolve_precision(t, info.device)
+    data = objective.build_data(DataContext.of(cfg, tokenizer, info, tok_hash))
+    resume_path = _universal_if_resized(cfg, info, ds_config, resume_path)
+    model = load_model(cfg.model, cfg.lora, t.seed, tokenizer, ds_config, precision, info.device, head=objective.head)
+    model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
     trainable, total = count_parameters(model)
-    engine, _ = eng.initialize(model, cfg, ds_config)
-    stage = eng.zero_stage(ds_config)
+    adapter = initialize(model, t, ds_config, info.world_size, info.device)
     dist.print0(
-        f"llmtrain {task.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{stage}, {precision}{eng.accumulation_note(engine, cfg.train, precision)}, "
+        f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
+        f"ZeRO-{adapter.stage}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
         f"params {total:,} ({trainable:,} trainable), "
-        f"global batch {cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size} "
+        f"global batch {t.micro_batch_size * t.grad_accum * info.world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
     )
 
     state = RunState()
-    run = Run(cfg, info, task, tokenizer, tok_hash, data, engine, stage, ds_config, precision, None, state)
-    if hasattr(task, "prepare"):
-        task.prepare(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
+    run = Run(cfg, info, objective, tokenizer, tok_hash, data, adapter, ds_config, precision, None, state)
+    objective.setup(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
         resume(run, resume_path)
     run.logger = make_logger(cfg, info.is_main, state.step)
@@ -173,8 +205,6 @@ def setup(cfg: Config, task) -> Run:
 def resume(run: Run, resume_path: str) -> None:
     """Model, optimizer, scheduler, RNG, data position and counters from the checkpoint; then the
     recipe's schedule and optimizer settings, which may differ from the checkpoint's."""
-    from . import engine as eng
-
     cfg, state = run.cfg, run.state
     saved = checkpoint.load(run.engine, resume_path, cfg.train.seed)
     check_resume_identity(cfg, saved, run.trainer_state())
@@ -183,13 +213,13 @@ def resume(run: Run, resume_path: str) -> None:
     state.skipped_steps = saved.get("skipped_steps", 0)
     state.consecutive_skips = saved.get("consecutive_skips", 0)
     dist.print0(f"resumed from {resume_path} at step {state.step}")
-    changes = eng.apply_train_settings(run.engine, cfg.train)
+    changes = apply_train_settings(run.engine, cfg.train)
     if changes:
         dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
 
 
-def run_task(cfg: Config, task) -> Run:
-    run = setup(cfg, task)
+def run_task(cfg: Config, objective: Objective) -> Run:
+    run = setup(cfg, objective)
     try:
         final = os.path.join(cfg.output_dir, "final")
         # final/ of this very step (a failed export keeps the older final/: export again then)
@@ -198,35 +228,8 @@ def run_task(cfg: Config, task) -> Run:
             return run
         train_loop(run)
         export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step)
-        plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png; a failure only warns
+        plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png, or a line saying why there is none
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:
         run.logger.close()
     return run
-
-
-def main(task_name: str, argv: Optional[list[str]] = None) -> int:
-    """Run a task; return the exit status (0 done, 2 user error, 3 preempted, 4 non-finite, 5 storage)."""
-    from .tasks import TASKS
-
-    try:
-        recipe, overrides = parse_args(argv, f"llmtrain {task_name}")
-        cfg = load_config(recipe, overrides)
-        run_task(cfg, TASKS[task_name]())
-        code = 0
-    except Preempted as e:
-        dist.print0(f"stopped: {e}; resume with train.resume=auto")
-        if cfg.train.requeue_on_signal and dist.is_main():
-            requeue_slurm_job()
-        code = PREEMPTED_EXIT_CODE
-    except NonFiniteError as e:
-        if dist.is_main():
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 4
-    except (ConfigError, DataError, checkpoint.StorageError) as e:
-        if dist.launcher_rank() == 0:  # each rank raises the same error: one line (mpirun sets no RANK)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = getattr(e, "exit_code", 2)
-    except OtherRankFailed as e:  # rank 0 printed its line; this rank ends with the same status
-        code = e.exit_code
-    return dist.finish(code)

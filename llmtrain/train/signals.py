@@ -12,13 +12,16 @@ import subprocess
 
 import torch
 
-from . import dist
+from .. import distributed as dist
+from ..errors import LlmtrainError
 
 PREEMPTED_EXIT_CODE = 3  # "checkpointed and stopped": a wrapper script may resubmit on it
 
 
-class Preempted(Exception):
-    pass
+class Preempted(LlmtrainError):
+    """Checkpointed at a step boundary after a signal; the run resumes with train.resume=auto."""
+
+    exit_code = PREEMPTED_EXIT_CODE
 
 
 class StopFlag:

@@ -13,7 +13,7 @@ The copy is kept beside its checkpoint and pruned with it (checkpoint.prune); it
 save of the checkpoint it came from, so a copy left from an older save under the same tag is
 never used.
 
-Safety: the converter runs in a subprocess (`python -m llmtrain.universal`) under
+Safety: the converter runs in a subprocess (`python -m llmtrain.train.universal`) under
 TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, so it unpickles nothing beyond tensors, containers and the
 allow-listed DeepSpeed classes (see ckpt_engine.py). On top of that only checkpoints of this
 run are converted: one under output_dir/checkpoints whose trainer_state.json carries this
@@ -28,8 +28,11 @@ import subprocess
 import sys
 import time
 
-from . import checkpoint, dist, waiting
-from .config import Config, ConfigError
+from .. import distributed as dist
+from ..config import Config
+from ..distributed import waiting
+from ..errors import ConfigError
+from . import checkpoint
 
 ERROR_PREFIX = "llmtrain-universal-error: "
 
@@ -119,7 +122,7 @@ def _convert_once(source: str, out: str) -> None:
 
 
 def _run_converter(source: str, out: str) -> None:
-    cmd = [sys.executable, "-m", "llmtrain.universal", "--input_folder", source, "--output_folder", out,
+    cmd = [sys.executable, "-m", "llmtrain.train.universal", "--input_folder", source, "--output_folder", out,
            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [_repo_root(), os.environ.get("PYTHONPATH")] if p)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -135,11 +138,11 @@ def _run_converter(source: str, out: str) -> None:
 
 
 def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # llmtrain/train/ -> checkout
 
 
 def main() -> int:
-    """`python -m llmtrain.universal <ds_to_universal arguments>`: DeepSpeed's converter with every
+    """`python -m llmtrain.train.universal <ds_to_universal arguments>`: DeepSpeed's converter with every
     torch.load forced to weights_only=True; any failure as one `llmtrain-universal-error:` line."""
     import runpy
 

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from conftest import BIN, REPO, base_recipe, free_port, python_cmd, run_cmd, write_recipe
-from llmtrain import export
+from llmtrain.train import export
 
 EXIT_STORAGE = 5
 

@@ -12,10 +12,11 @@ import torch
 from conftest import BIN, REPO, base_recipe, build_tiny, python_cmd, read_metrics, run_cmd, write_recipe, free_port
 from llmtrain.config import SourceConfig
 from llmtrain.data.batching import collate_sequences
-from llmtrain.data.chat import IGNORE_INDEX, RowError
+from llmtrain.data.chat import RowError
+from llmtrain.data.labels import IGNORE_INDEX
 from llmtrain.data.preference import build_preference_samples, encode_pair, to_pair
 from llmtrain.data.sources import BadRowReport
-from llmtrain.tasks import pair_logps
+from llmtrain.objectives.dpo import pair_logps
 
 DPO_TRAIN = os.path.join(REPO, "data/demo/dpo_train.jsonl")
 
@@ -108,7 +109,7 @@ def test_disable_dropout_makes_training_mode_forwards_deterministic(arch, dropou
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import TINY
-    from llmtrain.tasks import disable_dropout
+    from llmtrain.objectives.dpo import disable_dropout
 
     spec = dict(TINY[arch])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), vocab_size=300, **spec, **dropout),
@@ -143,7 +144,7 @@ def test_ipo_compares_per_token_averaged_logps():
     """IPO's target margin 1/(2 beta) applies to per-token averaged log-probs (as TRL): checked
     against the paper's formula on a plain forward of each response, with a made-up reference."""
     from llmtrain.config import Config
-    from llmtrain.tasks import DPOTask
+    from llmtrain.objectives import DPO
 
     model, tok = build_tiny("qwen2")
     model.eval()
@@ -151,9 +152,10 @@ def test_ipo_compares_per_token_averaged_logps():
     flat = [s for p in pairs for s in p]
     batch = collate_sequences([flat[:4], flat[4:]], tok.pad_token_id)  # packed
     batch["unit_ids"] = torch.arange(len(pairs))
-    task, beta = DPOTask(), 0.5
-    task.cfg = Config()
-    task.cfg.dpo.loss, task.cfg.dpo.beta = "ipo", beta
+    beta = 0.5
+    cfg = Config()
+    cfg.dpo.loss, cfg.dpo.beta = "ipo", beta
+    task = DPO.from_config(cfg)
     task.ref_table = torch.tensor([[-9.0, -11.0], [-4.0, -3.5], [-20.0, -26.0], [-7.0, -7.5]], dtype=torch.float64)
     with torch.no_grad():
         loss, _ = task.loss(model, batch, global_weight=len(pairs))

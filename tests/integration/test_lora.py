@@ -144,7 +144,7 @@ def _cfg(tmp_path, model_dir, **lora):
 
 def test_gradient_checkpointing_keeps_adapter_gradients(tiny_model_dir, tmp_path):
     """Checkpointed blocks over frozen embeddings need input grads, or the adapters get none."""
-    from llmtrain.lora import apply_lora
+    from llmtrain.models.lora import apply_lora
     from transformers import AutoModelForCausalLM
 
     grads = []
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_keeps_adapter_gradients(tiny_model_dir, tmp_path
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = apply_lora(model, cfg, torch.float32)
+        model = apply_lora(model, cfg.lora, cfg.model, torch.float32)
         with torch.no_grad():  # a non-zero B, so A gets gradients too
             for n, p in model.named_parameters():
                 if "lora_B" in n:
@@ -172,7 +172,7 @@ def test_gradient_checkpointing_keeps_adapter_gradients(tiny_model_dir, tmp_path
 
 
 def test_dora_and_modules_to_save_start_from_the_base_model(tiny_model_dir, tmp_path):
-    from llmtrain.lora import apply_lora
+    from llmtrain.models.lora import apply_lora
     from transformers import AutoModelForCausalLM
 
     cfg = _cfg(tmp_path, tiny_model_dir, use_dora=True, target_modules=["q_proj", "v_proj"],
@@ -181,7 +181,7 @@ def test_dora_and_modules_to_save_start_from_the_base_model(tiny_model_dir, tmp_
     ids = torch.arange(16)[None] + 5
     with torch.no_grad():
         want = base(input_ids=ids).logits
-    model = apply_lora(base, cfg, torch.float32).eval()
+    model = apply_lora(base, cfg.lora, cfg.model, torch.float32).eval()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in trainable)
     assert any("lm_head.modules_to_save" in n for n in trainable)
@@ -270,7 +270,7 @@ def test_bad_input_one_line_errors(lora_run, tiny_model_dir, tmp_path):
     proc = run_cmd(python_cmd("launch/export.py", "--adapter", final, "--out", str(tmp_path / "m"), "--base", str(other)),
                    timeout=120)
     assert_one_line_error(proc, "does not fit base", "size mismatch")
-    from llmtrain.lora import merge_into_base
+    from llmtrain.models.lora import merge_into_base
 
     with pytest.raises(ConfigError, match="holds no adapter_config.json"):
         merge_into_base(str(tmp_path), str(tmp_path / "m"))
@@ -339,11 +339,11 @@ def _fake_hub(cache: str, repo: str, revisions: dict) -> None:
 
 def test_merge_loads_the_base_revision_the_adapter_was_trained_on(tmp_path):
     from llmtrain.config import Config
-    from llmtrain.lora import peft_config
+    from llmtrain.models.lora import peft_config
 
     cfg = Config()
     cfg.model.revision = "v2"
-    assert peft_config(cfg).revision == "v2"  # a run records model.revision in adapter_config.json
+    assert peft_config(cfg.lora, cfg.model.revision).revision == "v2"  # a run records model.revision in adapter_config.json
 
     main, v2 = build_tiny("llama", seed=0), build_tiny("llama", seed=1)
     _fake_hub(str(tmp_path / "hub"), "llmtrain/tiny", {"main": main, "v2": v2})

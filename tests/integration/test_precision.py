@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, base_recipe, free_port, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
 from llmtrain.config import ConfigError, load_config
-from llmtrain.engine import build_ds_config
+from llmtrain.train import ds_config
 
 TIMEOUT = 300
 CUDA = torch.device("cuda")  # build_ds_config only reads device.type: no GPU needed
@@ -29,6 +29,10 @@ def ds_json(tmp_path, data: dict) -> str:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def build_ds_config(cfg, world_size, device) -> dict:
+    return ds_config.build_ds_config(cfg.train, cfg.deepspeed, world_size, device)
 
 
 def config(tmp_path, model_dir, ds: dict, *overrides: str):

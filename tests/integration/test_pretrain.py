@@ -13,8 +13,10 @@ import torch
 
 from conftest import BIN, REPO, TINY, TOKENIZER, build_tiny, free_port, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
 from llmtrain.config import load_config
-from llmtrain.data.chat import IGNORE_INDEX
-from llmtrain.data.pretrain import PretrainData, PretrainTask, collate_windows
+from llmtrain.data.labels import IGNORE_INDEX
+from llmtrain.data.protocol import DataContext
+from llmtrain.data.shards.rows import PretrainData, collate_windows
+from llmtrain.objectives import Pretrain
 from llmtrain.losses import shift_labels
 
 TIMEOUT = 300
@@ -24,7 +26,7 @@ SEQ = 64  # data.max_seq_len: short rows, so many rows hold a document boundary
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A generated corpus (many short documents, in JSONL) prepared through `launch/prepare.py`."""
-    from llmtrain import synth
+    from conftest import synth
 
     tmp = tmp_path_factory.mktemp("pretrain")
     for name, n, seed in (("train.jsonl", 400, 1), ("eval.jsonl", 30, 2)):
@@ -54,7 +56,7 @@ def make_data(prepared, world_size=1, rank=0, **train) -> PretrainData:
     overrides = [f"train.{k}={v}" for k, v in train.items()]
     cfg = load_config(prepared.path, overrides)
     info = SimpleNamespace(world_size=world_size, rank=rank, device=torch.device("cpu"))
-    return PretrainTask().build_data(cfg, AutoTokenizer.from_pretrained(TOKENIZER), info, "unused")
+    return Pretrain.from_config(cfg).build_data(DataContext.of(cfg, AutoTokenizer.from_pretrained(TOKENIZER), info, "unused"))
 
 
 def test_prepare_cli_rerun_is_a_noop(prepared):
@@ -131,7 +133,7 @@ def test_packed_documents_give_the_same_logits_as_each_alone(prepared):
 def test_tokenizer_hash_mismatch_is_a_one_line_error(prepared, tmp_path):
     from transformers import AutoTokenizer
 
-    from llmtrain.data.prepare import prepare_corpus
+    from llmtrain.data.shards.prepare import prepare_corpus
 
     other = AutoTokenizer.from_pretrained(TOKENIZER)
     other.add_tokens(["<|not-in-the-run-tokenizer|>"])  # a different vocabulary: a different hash
@@ -182,7 +184,7 @@ def test_eval_on_uneven_ranks_sums_to_the_one_rank_loss(prepared):
     """Eval rows that do not divide by ranks x micro-batch: the short rank's padding batches add 0
     and every rank runs as many forwards (ZeRO-3 gathers are collective)."""
     model, _ = build_tiny("llama")
-    task = PretrainTask()
+    task = Pretrain()
     rows = len(list(make_data(prepared, eval_max_batches=0, micro_batch_size=1).eval_set().batches))
     mbs = next(m for m in (1, 2, 3, 4, 5) if rows % (2 * m))
 

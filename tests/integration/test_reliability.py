@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, base_recipe, python_cmd, read_metrics, run_cmd, write_recipe, free_port
-from llmtrain import checkpoint
+from llmtrain.train import checkpoint
 from llmtrain.config import load_config, redact
 
 

@@ -91,7 +91,7 @@ def test_from_scratch_init_is_the_same_under_every_stage(tmp_path):
 
 
 def test_init_by_name_is_the_architectures_init_and_a_function_of_the_seed():
-    from llmtrain.models import init_weights_by_name
+    from llmtrain.models.loading import init_weights_by_name
 
     model, _ = build_tiny("llama")
     init_weights_by_name(model, seed=7, zero3=False)

@@ -90,7 +90,8 @@ def test_sft_eval_on_uneven_ranks_sums_to_the_one_rank_loss(tmp_path):
     """3 eval rows, micro-batch 1, 2 ranks: rank 1 runs one all-padding batch (0 loss, 0 targets)."""
     from transformers import AutoTokenizer
 
-    from llmtrain.tasks import SFTTask
+    from llmtrain.data.protocol import DataContext
+    from llmtrain.objectives import SFT
 
     recipe = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": TOKENIZER},
               "data": {"train": [os.path.join(REPO, "data/demo/sft_train.jsonl")],
@@ -99,12 +100,12 @@ def test_sft_eval_on_uneven_ranks_sums_to_the_one_rank_loss(tmp_path):
               "train": {"micro_batch_size": 1, "grad_accum": 1}}
     cfg = load_config(write_recipe(tmp_path / "r.yaml", recipe))
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    task = SFTTask()
+    task = SFT.from_config(cfg)
     model, _ = build_tiny("llama")
 
     def data_for_rank(rank, world):
         info = SimpleNamespace(world_size=world, rank=rank, device=torch.device("cpu"))
-        return task.build_data(cfg, tok, info, "tok")
+        return task.build_data(DataContext.of(cfg, tok, info, "tok"))
 
     one, one_weight, one_counts = _sums_over_ranks(task, data_for_rank, model, 1)
     two, two_weight, two_counts = _sums_over_ranks(task, data_for_rank, model, 2)

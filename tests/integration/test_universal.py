@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, base_recipe, free_port, python_cmd, read_metrics, run_cmd, write_recipe
-from llmtrain import checkpoint, universal
+from llmtrain.train import checkpoint, universal
 from llmtrain.config import ConfigError, load_config
 
 # Resumed steps must match an uninterrupted run to this relative tolerance: fp32 on CPU, where only

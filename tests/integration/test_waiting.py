@@ -7,10 +7,10 @@ import os
 import pytest
 
 from conftest import BIN, REPO, free_port, run_cmd
-from llmtrain import waiting
-from llmtrain.checkpoint import StorageError
+from llmtrain.distributed import waiting
+from llmtrain.errors import StorageError
 from llmtrain.config import ConfigError
-from llmtrain.data.sources import DataError
+from llmtrain.errors import DataError
 
 
 @pytest.mark.multiproc

@@ -31,7 +31,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, TOKENIZER
-from llmtrain.data.chat import IGNORE_INDEX, ChatOptions, RowError, to_messages, tokenize_chat
+from llmtrain.data.chat import ChatOptions, RowError, to_messages, tokenize_chat
+from llmtrain.data.labels import IGNORE_INDEX
 from llmtrain.data.sft import encode_row
 
 trl = pytest.importorskip("trl")
@@ -507,7 +508,8 @@ def test_changing_train_reasoning_never_reuses_a_cached_preparation(tmp_path):
 
     from conftest import write_recipe
     from llmtrain.config import load_config
-    from llmtrain.tasks import SFTTask
+    from llmtrain.data.protocol import DataContext
+    from llmtrain.objectives import SFT
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"messages": CONVS["reasoning"]}) for _ in range(3)) + "\n")
@@ -518,7 +520,7 @@ def test_changing_train_reasoning_never_reuses_a_cached_preparation(tmp_path):
     trained = []
     for flag in ("true", "false"):
         cfg = load_config(recipe, [f"data.train_reasoning={flag}"])
-        data_ = SFTTask().build_data(cfg, tok_for("qwen3"), info, "qwen3-test")
+        data_ = SFT.from_config(cfg).build_data(DataContext.of(cfg, tok_for("qwen3"), info, "qwen3-test"))
         trained.append(int(data_.samples.seq_targets().sum()))
     assert trained[0] > trained[1]  # the reasoning tokens are trained only with train_reasoning=true
     assert len(os.listdir(tmp_path / "run" / "cache")) == 2

@@ -10,7 +10,7 @@ import torch
 from conftest import BIN, REPO, TINY, TOKENIZER, base_recipe, build_tiny, run_cmd, train_losses, write_recipe, free_port
 from llmtrain.config import ConfigError
 from llmtrain.losses import causal_lm_loss
-from llmtrain.tasks import lm_forward_logps
+from llmtrain.objectives.lm_forward import lm_forward_logps
 
 
 class _Engine:
@@ -76,14 +76,14 @@ def test_chunked_ce_refuses_post_processed_logits():
 # both runs in one 2-rank launch: process start-up (imports) costs more than the runs themselves
 _TWO_RUNS = """
 import sys
-from llmtrain import dist
+from llmtrain import distributed as dist
 from llmtrain.config import load_config
-from llmtrain.runner import run_task
-from llmtrain.tasks import TASKS
+from llmtrain.train.runner import run_task
+from llmtrain.objectives import OBJECTIVES
 recipe, out = sys.argv[1], sys.argv[2]
 for chunk in (0, 16):
     cfg = load_config(recipe, [f"train.loss_chunk_tokens={chunk}", f"output_dir={out}/chunk{chunk}"])
-    run_task(cfg, TASKS["sft"]())
+    run_task(cfg, OBJECTIVES["sft"].from_config(cfg))
 dist.shutdown()
 """
 

@@ -8,8 +8,9 @@ import re
 import pytest
 
 from conftest import REPO
-from llmtrain.config import _KEYS, ConfigError, load_config, parse_override
-from llmtrain.engine import lr_multiplier
+from llmtrain.config import ConfigError, load_config, parse_override
+from llmtrain.config.loading import _KEYS
+from llmtrain.train.optim import lr_multiplier
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True)),

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from conftest import BIN, REPO, TOKENIZER, base_recipe, free_port, run_cmd, train_losses, write_recipe
 from llmtrain.config import ConfigError, SourceConfig
-from llmtrain.data.chat import IGNORE_INDEX, RowError
+from llmtrain.data.chat import RowError
+from llmtrain.data.labels import IGNORE_INDEX
 from llmtrain.data.prepare_samples import EncodeSpec, Request, TooManyBadRows, prepared_split
 from llmtrain.data.preference import encode_pair
 from llmtrain.data.sft import encode_row
@@ -105,8 +106,8 @@ def test_training_batches_equal_those_of_the_in_memory_samples(tmp_path, tok):
     from llmtrain.config import load_config
     from llmtrain.data.samples import SampleSet
     from llmtrain.data.sft import split_eval
-    from llmtrain.dist import DistInfo
-    from llmtrain.tasks import SequenceData
+    from llmtrain.distributed import DistInfo
+    from llmtrain.data.sequences import SequenceData
 
     path = demo_with_bad_rows(tmp_path, SFT_DEMO, 600)
     store, _ = prepared_split(request(tmp_path, path, "sft", 96, 1, chunk_rows=64), tok)
@@ -118,7 +119,7 @@ def test_training_batches_equal_those_of_the_in_memory_samples(tmp_path, tok):
         datas = []
         for samples in (store, memory):
             train, held = split_eval(samples, 0.1, 5)
-            datas.append(SequenceData(cfg, DistInfo(1, 0, 2, 2, "torchrun", torch.device("cpu"), "gloo"), train, held,
+            datas.append(SequenceData(cfg.data, cfg.train, DistInfo(1, 0, 2, 2, "torchrun", torch.device("cpu"), "gloo"), train, held,
                                       0, unit_weights=lambda s: s.seq_targets()))
         for _ in range(60):  # past the end of an epoch (540 train units / 12 per step unpacked)
             plans = [d.next_step() for d in datas]
@@ -176,12 +177,12 @@ def test_fingerprint_is_computed_once_not_per_step(tmp_path, tok, monkeypatch):
 
     from llmtrain.config import load_config
     from llmtrain.data import samples as samples_module
-    from llmtrain.dist import DistInfo
-    from llmtrain.tasks import SequenceData
+    from llmtrain.distributed import DistInfo
+    from llmtrain.data.sequences import SequenceData
 
     store, _ = prepared_split(request(tmp_path, SFT_DEMO, "sft", 96, 1, chunk_rows=5000), tok)
     cfg = load_config(None, ["model.name_or_path=m", "data.train=[x]", "data.max_seq_len=96", "data.packing=true"])
-    data = SequenceData(cfg, DistInfo(0, 0, 1, 1, "single", torch.device("cpu"), "gloo"), store, None, 0,
+    data = SequenceData(cfg.data, cfg.train, DistInfo(0, 0, 1, 1, "single", torch.device("cpu"), "gloo"), store, None, 0,
                         unit_weights=lambda s: s.seq_targets())
     calls = []
     real = hashlib.sha256
@@ -361,7 +362,7 @@ def test_source_columns_must_name_our_fields(tmp_path):
 
     cfg = load_config(None, ["model.name_or_path=m", "data.train=[{path: x, columns: {dialog: messages}}]"])
     with pytest.raises(ConfigError, match=r"keys are our field names .* e.g. \{messages: dialog\}"):
-        sources(cfg, "data.train")  # the mapping written the wrong way round gets the right one as its hint
+        sources(cfg.data, "data.train")  # the mapping written the wrong way round gets the right one as its hint
 
 
 @pytest.mark.multiproc
@@ -406,10 +407,11 @@ def test_inspect_data_and_training_share_one_preparation(tmp_path, tiny_model_di
 def test_prepare_cli_prepares_an_sft_recipe_where_the_run_looks(tmp_path, tiny_model_dir, tok):
     from llmtrain.config import load_config
     from llmtrain.data.prepare_samples import split_dir
-    from llmtrain.data.pretrain import prepare_main
+    from llmtrain.cli.prepare import main as prepare_main
     from llmtrain.data.sources import SplitReader
-    from llmtrain.models import load_tokenizer, tokenizer_hash
-    from llmtrain.tasks import prepare_request
+    from llmtrain.data.tokenizer_id import tokenizer_hash
+    from llmtrain.models.tokenizer import load_tokenizer
+    from llmtrain.data.splits import prepare_request
 
     recipe = base_recipe(tmp_path, tiny_model_dir)
     recipe["data"].update(train=[demo_with_bad_rows(tmp_path, SFT_DEMO, 300)], eval=[SFT_DEMO.replace("train", "eval")],
@@ -417,7 +419,7 @@ def test_prepare_cli_prepares_an_sft_recipe_where_the_run_looks(tmp_path, tiny_m
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert prepare_main(["--recipe", path, "--task", "sft", "--workers", "1"]) == 0
     cfg = load_config(path)
-    run_tok = load_tokenizer(cfg)
+    run_tok = load_tokenizer(cfg.model)
     for key in ("data.train", "data.eval"):
-        req = prepare_request(cfg, tokenizer_hash(run_tok), key, "sft")
+        req = prepare_request(cfg.data, cfg.output_dir, tokenizer_hash(run_tok), key, "sft")
         assert os.path.isfile(os.path.join(split_dir(req, SplitReader(req.srcs, key), run_tok), "manifest.json"))

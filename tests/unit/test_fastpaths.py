@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import REPO, build_tiny
 from llmtrain.config import Config, ConfigError
-from llmtrain.fastpaths import apply_fast_paths, decoder_layers
+from llmtrain.models.fastpaths import apply_fast_paths, decoder_layers
 from llmtrain.losses import causal_lm_loss
-from llmtrain.tasks import lm_forward_logps
+from llmtrain.objectives.lm_forward import lm_forward_logps
 
 class _Engine:
     def __init__(self, model):
@@ -48,7 +48,7 @@ def _loss_sum(model, batch) -> torch.Tensor:
 def test_fast_paths_off_return_the_model_untouched():
     model, _ = build_tiny("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert apply_fast_paths(model, Config(), torch.device("cpu")) is model
+    assert apply_fast_paths(model, Config().model, torch.device("cpu")) is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(decoder_layers(model)) == model.config.num_hidden_layers
 
@@ -58,7 +58,7 @@ def test_liger_without_cuda_is_a_one_line_config_error():
     cfg.model.liger = True
     model, _ = build_tiny("llama")
     with pytest.raises(ConfigError, match="model.liger=true needs a CUDA GPU") as e:
-        apply_fast_paths(model, cfg, torch.device("cpu"))
+        apply_fast_paths(model, cfg.model, torch.device("cpu"))
     assert "\n" not in str(e.value)
 
 
@@ -73,7 +73,7 @@ def test_compiled_model_gives_the_eager_loss_and_grads():
     model.zero_grad(set_to_none=True)
     cfg = Config()
     cfg.model.compile = True
-    compiled_model = apply_fast_paths(model, cfg, torch.device("cpu"))
+    compiled_model = apply_fast_paths(model, cfg.model, torch.device("cpu"))
     compiled = _loss_sum(compiled_model, packed)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -92,7 +92,7 @@ def test_liger_gives_the_eager_loss_on_gpu():
         eager = _loss_sum(model, packed)
         cfg = Config()
         cfg.model.liger = True
-        liger = _loss_sum(apply_fast_paths(model, cfg, torch.device("cuda")), packed)
+        liger = _loss_sum(apply_fast_paths(model, cfg.model, torch.device("cuda")), packed)
     torch.testing.assert_close(liger, eager, rtol=1e-3, atol=1e-3)
 
 
@@ -101,7 +101,7 @@ def test_liger_gives_the_eager_loss_on_gpu():
 # stood in for (tests/stand_ins/: pure-PyTorch liger_kernel, an importable bitsandbytes), and the
 # CUDA device is a torch.device("cuda") object that llmtrain only inspects, never touches.
 
-STAND_INS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_ins")
+STAND_INS = os.path.join(REPO, "tests", "stand_ins")
 CUDA = torch.device("cuda")
 
 
@@ -139,7 +139,7 @@ def test_liger_path_patches_the_base_model_and_keeps_loss_and_grads(liger_stand_
     eager_loss, eager_grads = _loss_and_grads(model, packed)
     cfg = Config()
     cfg.model.liger = True
-    assert apply_fast_paths(model, cfg, CUDA) is model
+    assert apply_fast_paths(model, cfg.model, CUDA) is model
     # llmtrain keeps its own log-prob head: no Liger cross-entropy; under PEFT the base model is patched
     (call,) = liger.calls[-1:]
     assert call["cross_entropy"] is False and call["fused_linear_cross_entropy"] is False
@@ -162,7 +162,7 @@ def test_liger_without_the_package_is_a_one_line_config_error(monkeypatch):
     cfg.model.liger = True
     model, _ = build_tiny("llama")
     with pytest.raises(ConfigError, match="needs liger-kernel: `pip install liger-kernel`") as e:
-        apply_fast_paths(model, cfg, CUDA)
+        apply_fast_paths(model, cfg.model, CUDA)
     assert "\n" not in str(e.value)
 
 
@@ -172,7 +172,7 @@ def test_compiled_layers_with_a_stand_in_backend_keep_packed_loss_and_grads(monk
     (position_ids; on flash the varlen kwargs, whose max lengths are Python ints), over micro-batches
     of different shapes. Only inductor's code generation is replaced, by the `eager` backend
     (test_compiled_model_gives_the_eager_loss_and_grads runs inductor itself, marked slow)."""
-    from llmtrain import flash_reference
+    from llmtrain.models import flash_reference
     from llmtrain.data.batching import collate_sequences
 
     real_compile = torch.compile
@@ -194,7 +194,7 @@ def test_compiled_layers_with_a_stand_in_backend_keep_packed_loss_and_grads(monk
         names = [n for n, _ in model.named_parameters()]
         cfg = Config()
         cfg.model.compile = True
-        compiled_model = apply_fast_paths(model, cfg, torch.device("cpu"))
+        compiled_model = apply_fast_paths(model, cfg.model, torch.device("cpu"))
         assert [n for n, _ in compiled_model.named_parameters()] == names  # in place: names DeepSpeed sees
         assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled_model))
         graphs = []
@@ -218,25 +218,26 @@ def test_qlora_path_runs_on_cpu_with_bitsandbytes_stood_in(tiny_model_dir, monke
     (transformers + bitsandbytes): from_pretrained records the quantization arguments and loads bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmtrain import lora
-    from llmtrain.lora import check_qlora, quantization_kwargs
-    from llmtrain.models import count_parameters, load_model
+    from llmtrain.models import lora
+    from llmtrain.models.lora import check_qlora, quantization_kwargs
+    from llmtrain.models.loading import load_model
+    from llmtrain.models.params import count_parameters
 
     cfg = Config()
     cfg.model.name_or_path = tiny_model_dir
     cfg.lora.enabled, cfg.lora.qlora, cfg.lora.r, cfg.lora.dropout = True, True, 4, 0.0
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        check_qlora(cfg, torch.device("cpu"), 2)
+        check_qlora(cfg.lora, torch.device("cpu"), 2)
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ConfigError, match="needs bitsandbytes: pip install bitsandbytes"):
-            check_qlora(cfg, CUDA, 2)
+            check_qlora(cfg.lora, CUDA, 2)
         spec = importlib.machinery.ModuleSpec("bitsandbytes", None)
         finder = types.SimpleNamespace(find_spec=lambda n, *a: spec if n == "bitsandbytes" else importlib.util.find_spec(n, *a))
         monkeypatch.setattr(lora, "importlib", types.SimpleNamespace(util=finder))
     with pytest.raises(ConfigError, match="not supported|supported under ZeRO 0-2"):
-        check_qlora(cfg, CUDA, 3)
-    check_qlora(cfg, CUDA, 2)
-    quant = quantization_kwargs(cfg, torch.device("cuda", 1))
+        check_qlora(cfg.lora, CUDA, 3)
+    check_qlora(cfg.lora, CUDA, 2)
+    quant = quantization_kwargs(torch.device("cuda", 1))
     bnb = quant["quantization_config"]
     assert quant["device_map"] == {"": 1}
     assert (bnb.load_in_4bit, bnb.bnb_4bit_quant_type, bnb.bnb_4bit_use_double_quant,
@@ -250,7 +251,7 @@ def test_qlora_path_runs_on_cpu_with_bitsandbytes_stood_in(tiny_model_dir, monke
         return real_from_pretrained(cls, path, *args, **kw)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained_4bit_stand_in))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = load_model(cfg, tok, {"zero_optimization": {"stage": 2}}, "bf16", CUDA)
+    model = load_model(cfg.model, cfg.lora, cfg.train.seed, tok, {"zero_optimization": {"stage": 2}}, "bf16", CUDA)
     assert "on a 4-bit base" in capsys.readouterr().out
     assert seen["quantization_config"].load_in_4bit and seen["device_map"] == {"": 0}
     assert seen["dtype"] == torch.bfloat16

@@ -18,12 +18,13 @@ import torch
 
 from conftest import (BIN, REPO, TINY, TOKENIZER, base_recipe, free_port, python_cmd, read_metrics, run_cmd,
                       write_recipe)
-from llmtrain import flash_reference
+from llmtrain.models import flash_reference
 from llmtrain.data.batching import collate_sequences, pack_next_fit
-from llmtrain.data.chat import IGNORE_INDEX
+from llmtrain.data.labels import IGNORE_INDEX
 from llmtrain.losses import causal_lm_loss
-from llmtrain import tasks
-from llmtrain.tasks import lm_forward_logps, pair_logps
+from llmtrain.objectives import lm_forward as tasks
+from llmtrain.objectives.dpo import pair_logps
+from llmtrain.objectives.lm_forward import lm_forward_logps
 
 # tiny models whose attention differs: GQA everywhere; a sliding window shorter than the longer
 # sequences on Mistral (every layer) and Qwen2 (the second layer); GPT-2 learned positions
@@ -196,7 +197,7 @@ def test_flash_attention_choice_needs_the_kernel_and_half_precision(monkeypatch)
     """auto never picks flash-attn for fp32 (the kernels take fp16/bf16 only: the run would fail on
     its first forward); an explicit flash_attention_2 says why it cannot run, in one line."""
     from llmtrain.config import ConfigError
-    from llmtrain.models import choose_attention
+    from llmtrain.models.attention import choose_attention
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(flash_reference.ENV_SWITCH, raising=False)
@@ -268,7 +269,7 @@ def test_flash_packed_equals_unpacked_losses_and_grads(kernels, arch, mbs):
 def test_flash_packed_pretraining_windows_equal_each_document_alone(kernels):
     """collate_windows (pretraining rows split at document starts) feeds the same boundaries;
     with gradient checkpointing, as the cluster recipes run (the kwargs reach recomputed layers)."""
-    from llmtrain.data.pretrain import collate_windows
+    from llmtrain.data.shards.rows import collate_windows
 
     device, dtype, tol = kernels
     flash, sdpa, tok = flash_and_sdpa_models("llama", device, dtype)
@@ -407,7 +408,7 @@ def test_flash_packed_dpo_reference_forward_with_adapters_disabled(kernels):
     wrapper (whose config llmtrain reads to choose the kwargs), packed with micro_batch_size 2."""
     from peft import LoraConfig, get_peft_model
 
-    from llmtrain import reference
+    from llmtrain.objectives import reference
 
     device, dtype, tol = kernels
     flash, sdpa, tok = flash_and_sdpa_models("llama", device, dtype)

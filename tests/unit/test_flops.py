@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmtrain.flops import (flops_per_token, non_embedding_parameters, peak_flops, peak_flops_for_name,
+from llmtrain.train.flops import (flops_per_token, non_embedding_parameters, peak_flops, peak_flops_for_name,
                             throughput_columns)
 
 VOCAB, H, INTER, LAYERS, HEADS, KV_HEADS, SEQ = 888, 64, 128, 2, 4, 2, 128

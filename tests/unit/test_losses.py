@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.losses import (
-    DPO_LOSSES,
+    PREFERENCE_LOSSES,
     IGNORE_INDEX,
     causal_lm_loss,
     chosen_nll_loss,
@@ -19,7 +19,6 @@ from llmtrain.losses import (
     packed_sequence_logps,
     sequence_logps,
     shift_labels,
-    split_chosen_rejected,
     token_logps_and_sum_ce,
     token_logps_from_logits,
 )
@@ -90,8 +89,8 @@ def test_dpo_reward_metrics_match_hand_rewards():
     chosen = [beta * (pc - rc) for pc, _, rc, _ in PAIRS]
     rejected = [beta * (pr - rr) for _, pr, _, rr in PAIRS]
     n = len(PAIRS)
-    for loss_fn in DPO_LOSSES.values():
-        _, m = loss_fn(*_as_tensors(PAIRS), beta=beta)
+    for entry in PREFERENCE_LOSSES.values():
+        _, m = entry.fn(*_as_tensors(PAIRS), beta=beta)
         assert m["chosen_reward"].item() == pytest.approx(sum(chosen) / n)
         assert m["rejected_reward"].item() == pytest.approx(sum(rejected) / n)
         assert m["reward_margin"].item() == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / n)
@@ -111,15 +110,6 @@ def test_chosen_nll_is_per_token_nll_of_the_chosen_answer():
     assert chosen_nll_loss(logps, torch.tensor(lengths), reduction="sum").item() == pytest.approx(sum(hand))
     loss.backward()  # d/dlogp = -1 / (|y_w| * B): it raises the chosen log-prob, shorter answers more per token
     assert logps.grad.tolist() == pytest.approx([-1 / 9, -1 / 3, -1 / 12])
-
-
-def test_split_chosen_rejected_takes_chosen_first():
-    x = torch.arange(12).view(6, 2)
-    chosen, rejected = split_chosen_rejected(x)
-    assert chosen.tolist() == [[0, 1], [2, 3], [4, 5]]
-    assert rejected.tolist() == [[6, 7], [8, 9], [10, 11]]
-    with pytest.raises(ValueError):
-        split_chosen_rejected(torch.zeros(3))
 
 
 # --- token log-probs ---

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, TINY, build_tiny
 from llmtrain.config import load_config
-from llmtrain.plan import GIB, ModelShape, activation_bytes, model_shape, model_state_bytes, recommend, report
+from llmtrain.tools.memory_plan import GIB, ModelShape, activation_bytes, model_shape, model_state_bytes, recommend, report
 
 CASES = [(7_000_000_000, 8, 300_000_000), (1_300_000_000, 2, 50_000_000), (70_000_000_000, 64, 1_000_000_000)]
 

@@ -7,7 +7,7 @@ import math
 import os
 
 from conftest import python_cmd, run_cmd
-from llmtrain.plots import write_curves
+from llmtrain.tools.plots import write_curves
 
 
 def _write_metrics(run_dir, dpo: bool = False, steps: int = 30) -> str:

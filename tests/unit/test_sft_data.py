@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from conftest import TOKENIZER, build_tiny
 from llmtrain.config import SourceConfig
 from llmtrain.data.batching import BatchPlanner, RowStream, collate_sequences, pack_next_fit
-from llmtrain.data.chat import IGNORE_INDEX, RowError, to_messages, tokenize_chat
+from llmtrain.data.chat import RowError, to_messages, tokenize_chat
+from llmtrain.data.labels import IGNORE_INDEX
 from llmtrain.data.sft import build_sft_samples
 from llmtrain.data.sources import BadRowReport
 from llmtrain.losses import causal_lm_loss, shift_labels, token_logps_from_logits
@@ -260,14 +261,16 @@ def test_prepared_chunks_read_back_the_sequences_written(tmp_path):
 
 def test_gradient_checkpointing_switch_keeps_loss_and_gradients(tiny_model_dir):
     from llmtrain.config import load_config
-    from llmtrain.models import load_model, load_tokenizer
+    from llmtrain.models.loading import load_model
+    from llmtrain.models.tokenizer import load_tokenizer
 
     grads = []
     for flag in (False, True):
         cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.train=[x]",
                                  f"model.gradient_checkpointing={str(flag).lower()}"])
-        tok = load_tokenizer(cfg)
-        model = load_model(cfg, tok, {"zero_optimization": {"stage": 0}}, "fp32", torch.device("cpu"))
+        tok = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, cfg.lora, cfg.train.seed, tok, {"zero_optimization": {"stage": 0}}, "fp32",
+                           torch.device("cpu"))
         assert model.is_gradient_checkpointing == flag and model.config.use_cache is False
         model.train()
         seqs = _seqs(4, seed=5)

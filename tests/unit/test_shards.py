@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from llmtrain.data.prepare import CorpusError, prepare_corpus
-from llmtrain.data.shards import (IGNORE_INDEX, FeistelPermutation, PretrainRows, ShardError,
-                                  TokenShards, tokenizer_hash)
+from llmtrain.data.shards.prepare import CorpusError, prepare_corpus
+from llmtrain.data.labels import IGNORE_INDEX
+from llmtrain.data.shards.store import FeistelPermutation, PretrainRows, ShardError, TokenShards
+from llmtrain.data.tokenizer_id import vocab_hash as tokenizer_hash
 
 EOS = "<|endoftext|>"
 
@@ -162,7 +163,7 @@ def test_truncated_shard_detected_at_open(tmp_path, tokenizer):
     with pytest.raises(ShardError, match="truncated") as e:
         TokenShards(out)
     msg = str(e.value)
-    assert "\n" not in msg and m.shards[1].name in msg and "llmtrain.data.prepare" in msg
+    assert "\n" not in msg and m.shards[1].name in msg and "llmtrain prepare" in msg
 
 
 def test_corrupted_bytes_detected_with_verify(tmp_path, tokenizer):

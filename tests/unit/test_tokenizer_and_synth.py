@@ -1,4 +1,4 @@
-"""Invariants of the project tokenizer (llmtrain.tokenizer_train) and the demo data generators (llmtrain.synth)."""
+"""Invariants of the project tokenizer (llmtrain.tools.tokenizer_train) and the demo data generators (examples/synth.py)."""
 
 import json
 import os
@@ -8,10 +8,11 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from llmtrain import synth
-from llmtrain.tokenizer_train import CHATML_TEMPLATE, EOS_TOKEN, IM_END, IM_START, tokenizer_hash, train_bpe_tokenizer
+from conftest import REPO, synth
+from llmtrain.data.tokenizer_id import tokenizer_hash
+from llmtrain.tools.tokenizer_train import CHATML_TEMPLATE, EOS_TOKEN, IM_END, IM_START, train_bpe_tokenizer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = REPO
 
 ROUND_TRIP_TEXTS = [
     "What is 37 + 85? 122",

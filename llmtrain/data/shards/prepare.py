@@ -1,4 +1,4 @@
-"""Corpus -> token shards (see llmtrain/data/shards.py for the on-disk format).
+"""Corpus -> token shards (see data/shards/store.py for the on-disk format); run through `llmtrain prepare`.
 
 Sources are file paths, globs, or saved HF dataset directories:
   *.txt            one document per file. A file larger than `max_txt_doc_bytes` is cut at line
@@ -24,7 +24,6 @@ string inside a document is encoded as plain text), plus EOS after each document
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import hashlib
@@ -32,16 +31,16 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import sys
 from dataclasses import asdict, dataclass
 from itertools import chain
 
 import numpy as np
 
-from llmtrain.data.shards import (FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, ShardInfo,
-                                  dtype_for_vocab, tokenizer_hash, write_json_atomic)
+from ...errors import LlmtrainError
+from ..tokenizer_id import vocab_hash
+from .store import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, ShardInfo, dtype_for_vocab, write_json_atomic
 
-log = logging.getLogger("llmtrain.data.prepare")
+log = logging.getLogger("llmtrain.data.shards.prepare")
 
 DEFAULT_DOCS_PER_SHARD = 50_000  # rows (lines, records, .txt files) per shard
 EST_BYTES_PER_TOKEN = 4  # to turn tokens_per_shard into a row count before tokenizing
@@ -49,7 +48,7 @@ TOKENIZE_BATCH_DOCS = 256  # documents per encode_batch call
 MAX_EXAMPLES = 20  # bad-row locations kept per shard and printed per run
 
 
-class CorpusError(ValueError):
+class CorpusError(LlmtrainError, ValueError):
     """The input corpus cannot be prepared as given."""
 
 
@@ -464,7 +463,7 @@ def _tokenizer_info(tokenizer, eos_token_id) -> tuple[str, dict]:
     vocab = len(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else \
         backend.get_vocab_size(with_added_tokens=True)
     return backend.to_str(), {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-                              "sha256": tokenizer_hash(tokenizer), "vocab_size": int(vocab),
+                              "sha256": vocab_hash(tokenizer), "vocab_size": int(vocab),
                               "eos_id": int(eos), "dtype": dtype_for_vocab(vocab).name}
 
 
@@ -620,30 +619,3 @@ def _write_manifest(units, done, tok, text_field, files, empty_files, fingerprin
     print(f"[prepare] done: {len(shards)} shards, {m.total_tokens:,} tokens, {m.total_docs:,} "
           f"docs, {m.skipped_rows} rows skipped ({bad} bad, {empty} empty) -> {out_dir}")
     return m
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tokenize a corpus into llmtrain token shards.")
-    p.add_argument("sources", nargs="+", help="files, globs or saved dataset directories")
-    p.add_argument("--tokenizer", required=True, help="local tokenizer directory or hub id")
-    p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--docs-per-shard", type=int)
-    g.add_argument("--tokens-per-shard", type=int)
-    p.add_argument("--max-bad-fraction", type=float, default=0.001)
-    a = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    try:
-        prepare_corpus(a.sources, tok, a.out, text_field=a.text_field, num_workers=a.workers,
-                       docs_per_shard=a.docs_per_shard, tokens_per_shard=a.tokens_per_shard,
-                       max_bad_fraction=a.max_bad_fraction)
-    except CorpusError as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

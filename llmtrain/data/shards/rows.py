@@ -1,4 +1,4 @@
-"""Pretraining: prepared token shards -> fixed-length rows -> the shared loop; and recipe preparation.
+"""Pretraining data for the loop: prepared token shards -> fixed-length rows, planned per step.
 
 Rows. A row is `data.max_seq_len` consecutive tokens of one source's stream (documents joined
 with EOS, see shards.py). `PretrainRows` is built with seq_len = max_seq_len - 1, so row r covers
@@ -16,26 +16,26 @@ position is one integer and a resumed run continues exactly.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from typing import Iterator, Optional
 
 import numpy as np
 
-from ..config import Config, ConfigError, SourceConfig, sources
-from .batching import StepPlan, collate_sequences
-from .shards import MANIFEST_NAME, PretrainRows, ShardError, TokenShards, tokenizer_hash
-from .sources import DataError
+from ...config import DataConfig, SourceConfig, TrainConfig, sources
+from ...errors import ConfigError, DataError
+from ..batching import StepPlan, collate_sequences
+from ..protocol import DataContext, EvalSet
+from ..tokenizer_id import vocab_hash
+from .store import MANIFEST_NAME, PretrainRows, ShardError, TokenShards
 
 Window = tuple[np.ndarray, np.ndarray]  # (tokens (n,) int64, document starts in it (k,) int64)
 
 
 def _prepare_hint(key: str, i: int) -> str:
-    return (f"give {key}[{i}] a prepare_from (raw files) and run `python launch/prepare.py --recipe R`, "
-            f"or point path at a prepared shard directory")
+    return (f"give {key}[{i}] a prepare_from (raw files) and run `llmtrain prepare --recipe R` "
+            f"(python launch/prepare.py --recipe R), or point path at a prepared shard directory")
 
 
 def open_shards(src: SourceConfig, key: str, i: int, shard_tok_hash: Optional[str]) -> TokenShards:
@@ -77,10 +77,9 @@ def collate_windows(windows: list[Window], pad_id: int) -> dict:
 class PretrainData:
     """The loop's data interface (`next_step`, `batches`, `eval_set`, `state_dict`) over token shards."""
 
-    def __init__(self, cfg: Config, info, train: list[tuple[TokenShards, float]], eval_sources: list[TokenShards],
-                 pad_id: int):
-        t, d = cfg.train, cfg.data
-        self.cfg, self.info, self.pad_id, self.packing = cfg, info, pad_id, d.packing
+    def __init__(self, d: DataConfig, t: TrainConfig, info, train: list[tuple[TokenShards, float]],
+                 eval_sources: list[TokenShards], pad_id: int):
+        self.info, self.pad_id, self.packing, self.eval_max_batches = info, pad_id, d.packing, t.eval_max_batches
         self.row_tokens = d.max_seq_len  # tokens per row fed to the model
         try:
             self.rows = PretrainRows(train, seq_len=self.row_tokens - 1, seed=t.seed, packing=d.packing)
@@ -118,21 +117,17 @@ class PretrainData:
         return [collate_windows([self._window(k) for k in rows], self.pad_id) for rows in plan.micro_batches]
 
     # --- eval ---
-    def eval_set(self):
-        from ..tasks import EvalSet  # lazy: llmtrain.tasks imports this module
-
+    def eval_set(self) -> Optional[EvalSet]:
         if not self.eval_sources:
             return None
         rows = EvalRows(self.eval_sources, self.row_tokens, self.packing)
-        t = self.cfg.train
         per_rank = -(-len(rows) // self.world)  # every rank runs the same number of forwards
-        num_batches = -(-per_rank // t.micro_batch_size)
-        if t.eval_max_batches:
-            num_batches = min(num_batches, t.eval_max_batches)
-        used = min(len(rows), num_batches * t.micro_batch_size * self.world)  # global rows [0, used)
+        num_batches = -(-per_rank // self.mbs)
+        if self.eval_max_batches:
+            num_batches = min(num_batches, self.eval_max_batches)
+        used = min(len(rows), num_batches * self.mbs * self.world)  # global rows [0, used)
         weight = sum(rows.targets(q) for q in range(used))
-        return EvalSet(EvalBatches(rows, used, num_batches, t.micro_batch_size, self.world, self.rank, self.pad_id),
-                       weight)
+        return EvalSet(EvalBatches(rows, used, num_batches, self.mbs, self.world, self.rank, self.pad_id), weight)
 
     # --- resume ---
     def _fingerprint(self) -> str:
@@ -196,7 +191,7 @@ class EvalBatches:
             yield collate_windows([self.rows.window(q) for q in qs], self.pad_id)
 
 
-# --------------------------------------------------------------------------- the task
+# --------------------------------------------------------------------------- building it
 
 
 def _eval_split(train: list[tuple[TokenShards, float]], fraction: float, row_tokens: int):
@@ -214,118 +209,13 @@ def _eval_split(train: list[tuple[TokenShards, float]], fraction: float, row_tok
     return kept, held
 
 
-class PretrainTask:
-    name = "pretrain"
-    chunk_tokens = 0  # train.loss_chunk_tokens, set in build_data
-
-    def build_data(self, cfg: Config, tokenizer, info, tok_hash: str) -> PretrainData:
-        self.chunk_tokens = cfg.train.loss_chunk_tokens
-        # shards record the sha256 of the tokenizer backend (shards.tokenizer_hash), not the
-        # run's identity hash `tok_hash` (which also covers the chat template)
-        shard_hash = tokenizer_hash(tokenizer)
-        train = [(open_shards(s, "data.train", i, shard_hash), s.weight)
-                 for i, s in enumerate(sources(cfg, "data.train"))]
-        evals = [open_shards(s, "data.eval", i, shard_hash) for i, s in enumerate(sources(cfg, "data.eval"))]
-        if not evals and cfg.data.eval_fraction > 0:
-            train, evals = _eval_split(train, cfg.data.eval_fraction, cfg.data.max_seq_len)
-        return PretrainData(cfg, info, train, evals, tokenizer.pad_token_id)
-
-    def loss(self, engine, batch: dict, global_weight: int):
-        from ..losses import causal_lm_loss
-        from ..tasks import lm_forward_logps  # lazy: llmtrain.tasks imports this module
-
-        token_logps, targets = lm_forward_logps(engine, batch, self.chunk_tokens)
-        loss, _ = causal_lm_loss(token_logps, targets, global_weight)
-        return loss, {}
-
-
-# --------------------------------------------------------------------------- launch/prepare.py
-
-
-def _raw_inputs(src: SourceConfig, key: str, i: int) -> list[str]:
-    raw = [src.prepare_from] if isinstance(src.prepare_from, str) else src.prepare_from
-    if not raw or not all(isinstance(p, str) and p for p in raw):
-        raise ConfigError(f"{key}[{i}].prepare_from={src.prepare_from!r} must be a path/glob or a list of them")
-    return raw
-
-
-def prepare_recipe(cfg: Config, num_workers: int, docs_per_shard: Optional[int] = None,
-                   tokens_per_shard: Optional[int] = None, progress: bool = True) -> None:
-    """Tokenize every data.train / data.eval entry that has `prepare_from` into its `path`;
-    entries without one must already be prepared (checked, tokenizer included)."""
-    from ..models import load_tokenizer
-    from .prepare import CorpusError, prepare_corpus
-
-    tokenizer = load_tokenizer(cfg)  # exactly as training loads it, so the hashes match
-    shard_hash = tokenizer_hash(tokenizer)
-    for key in ("data.train", "data.eval"):
-        for i, src in enumerate(sources(cfg, key)):
-            if src.prepare_from is None:
-                shards = open_shards(src, key, i, shard_hash)
-                print(f"[prepare] {key}[{i}]: {src.path} is prepared ({shards.num_tokens:,} tokens), no prepare_from")
-                continue
-            print(f"[prepare] {key}[{i}]: {src.prepare_from} -> {src.path}")
-            hub = {"name": src.name, "split": src.split, "revision": src.revision, "streaming": src.streaming}
-            try:
-                prepare_corpus(_raw_inputs(src, key, i), tokenizer, src.path,
-                               text_field=(src.columns or {}).get("text", src.text_field), num_workers=num_workers,
-                               docs_per_shard=docs_per_shard, tokens_per_shard=tokens_per_shard,
-                               max_bad_fraction=cfg.data.max_bad_fraction, progress=progress, hub=hub)
-            except (CorpusError, ShardError) as e:
-                raise DataError(f"{key}[{i}]: {e}") from None
-            open_shards(src, key, i, shard_hash)  # what training will open: sizes and tokenizer
-
-
-def prepare_chat_recipe(cfg: Config, task: str, num_workers: int) -> None:
-    """SFT/DPO: prepare data.train and data.eval into data.cache_dir exactly as a training run would
-    (same key: the run then starts from it), here in one process with num_workers tokenizer workers."""
-    from ..models import load_tokenizer
-    from ..models import tokenizer_hash as run_tokenizer_hash  # the run's identity hash (template included)
-    from ..tasks import prepare_request
-    from .prepare_samples import TooManyBadRows, prepared_split
-
-    tokenizer = load_tokenizer(cfg)
-    for key in ("data.train", "data.eval"):
-        if not sources(cfg, key):
-            continue
-        request = prepare_request(cfg, run_tokenizer_hash(tokenizer), key, task)
-        request.workers = num_workers
-        try:
-            samples, report = prepared_split(request, tokenizer)
-        except TooManyBadRows as e:
-            raise DataError(f"{key}: {e.report.summary()} — above data.max_bad_fraction={cfg.data.max_bad_fraction}")
-        print(f"[prepare] {key}: {len(samples):,} {'pairs' if task == 'dpo' else 'samples'} in {samples.dir} "
-              f"({report.summary()})")
-
-
-def prepare_main(argv: Optional[list[str]] = None) -> int:
-    from ..config import load_config
-
-    p = argparse.ArgumentParser(description="Tokenize a recipe's data once, before training. Pretraining: raw corpora "
-                                            "(data.*[].prepare_from) into token shards at data.*[].path; SFT/DPO "
-                                            "(--task): data.train/data.eval into data.cache_dir, where runs find it. "
-                                            "Resumable; a rerun on the same input is a no-op.")
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/)")
-    p.add_argument("--task", choices=["pretrain", "sft", "dpo"], default="pretrain",
-                   help="the recipe's task (default pretrain)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizer processes (default: CPU cores - 1)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--docs-per-shard", type=int, help="rows (lines, records, .txt files) per shard (default 50000)")
-    g.add_argument("--tokens-per-shard", type=int, help="approximate tokens per shard instead")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.max_bad_fraction=0.01")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        if args.task != "pretrain":
-            prepare_chat_recipe(cfg, args.task, args.workers)
-        else:
-            prepare_recipe(cfg, args.workers, args.docs_per_shard, args.tokens_per_shard,
-                           progress=cfg.logging.progress)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+def pretrain_data(ctx: DataContext) -> PretrainData:
+    """data.train / data.eval shard directories (or a data.eval_fraction tail of train) -> PretrainData."""
+    # shards record the tokenizer's vocab_hash (no chat template touches a token stream), not the
+    # run's tokenizer_hash
+    shard_hash = vocab_hash(ctx.tokenizer)
+    train = [(open_shards(s, "data.train", i, shard_hash), s.weight) for i, s in enumerate(sources(ctx.data, "data.train"))]
+    evals = [open_shards(s, "data.eval", i, shard_hash) for i, s in enumerate(sources(ctx.data, "data.eval"))]
+    if not evals and ctx.data.eval_fraction > 0:
+        train, evals = _eval_split(train, ctx.data.eval_fraction, ctx.data.max_seq_len)
+    return PretrainData(ctx.data, ctx.train, ctx.info, train, evals, ctx.tokenizer.pad_token_id)

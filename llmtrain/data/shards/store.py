@@ -1,6 +1,6 @@
 """On-disk token shards for pretraining: format, reader, and the fixed-length row sampler.
 
-Layout of a prepared directory (written by `llmtrain.data.prepare.prepare_corpus`):
+Layout of a prepared directory (written by `data.shards.prepare.prepare_corpus`):
 
     manifest.json            written last, atomically: tokenizer identity, dtype, shard list, totals
     <shard>.bin              flat token ids (uint16 when vocab_size <= 65536, else uint32), native
@@ -25,36 +25,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...errors import LlmtrainError
+from ..labels import IGNORE_INDEX
+
 FORMAT_NAME = "llmtrain.token_shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-IGNORE_INDEX = -100  # label value the causal LM loss skips
-PREPARE_HINT = "re-run `python -m llmtrain.data.prepare` (finished shards are kept)"
+PREPARE_HINT = "re-run `llmtrain prepare --recipe R` (python launch/prepare.py; finished shards are kept)"
 
 
-class ShardError(Exception):
+class ShardError(LlmtrainError):
     """A prepared shard directory is missing, damaged, or does not match the run."""
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     # ids run 0..vocab_size-1, so a vocab of exactly 65536 still fits uint16
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's serialized backend (HF fast tokenizer or `tokenizers.Tokenizer`).
-
-    The `truncation` and `padding` entries are blanked first: transformers toggles them on the
-    backend during calls, and they do not change the ids of an untruncated encode.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    if not hasattr(backend, "to_str"):
-        raise TypeError(f"{type(tokenizer).__name__} has no backend_tokenizer.to_str(); "
-                        "pass a fast (Rust-backed) tokenizer")
-    spec = json.loads(backend.to_str())
-    spec["truncation"] = None
-    spec["padding"] = None
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def write_json_atomic(path: str, obj) -> None:
