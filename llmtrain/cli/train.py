@@ -5,11 +5,12 @@ many non-finite steps, 5 storage (a checkpoint or final/ could not be written).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from .. import distributed as dist
 from ..config import load_config
-from ..distributed.waiting import OtherRankFailed
+from ..distributed.waiting import OtherRankFailed, WaitError
 from ..errors import LlmtrainError
 from ..objectives import OBJECTIVES
 from ..train.runner import run_task
@@ -28,6 +29,10 @@ def main(task: str, argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         run_task(cfg, OBJECTIVES[task].from_config(cfg))
         code = 0
+    except WaitError as e:  # raised by every waiting rank; the rank that would print may be the dead one
+        if e.speaker:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return dist.finish(e.exit_code, wait_for_peers=False)  # the awaited rank is gone or still busy
     except Preempted as e:
         dist.print0(f"stopped: {e}; resume with train.resume=auto")
         if cfg.train.requeue_on_signal and dist.is_main():

@@ -70,7 +70,9 @@ class DataConfig(Section):
     cache_dir: Optional[str] = None  # prepared data; default output_dir/cache; content-keyed, safe to share between runs
     prepare_workers: int = 0  # tokenizer processes per rank (0 = this rank's share of the node's CPUs)
     prepare_chunk_rows: int = 4096  # most rows per chunk (the unit of parallel work, resume and atomic writes)
-    prepare_timeout_minutes: float = 240.0  # how long a rank waits for chunks other ranks are preparing
+    # total cap on a rank's wait for chunks other (live) ranks are preparing; 0 = no cap; a rank that died
+    # holding chunks is caught sooner, by dist.stale_minutes
+    prepare_timeout_minutes: float = 1440.0
 
 
 @dataclass
@@ -126,9 +128,13 @@ class LoggingConfig(Section):
 @dataclass
 class DistConfig(Section):
     timeout_minutes: float = 30.0  # collective-operation timeout: a missing rank fails instead of hanging
-    # how long ranks wait for one rank's file work outside any collective (universal-checkpoint conversion,
-    # final/ export and LoRA merge) before failing with one line; hours: these scale with the model size
-    wait_minutes: float = 240.0
+    # total cap on a wait, outside any collective, for one rank's file work (universal-checkpoint conversion,
+    # final/ export and LoRA merge) while that rank is alive; 0 = no cap. 24 h: ~5x a 70B conversion at the
+    # README's measured ~50 MiB/s (840 GB in ~4.5 h); a dead worker is caught by stale_minutes instead
+    wait_minutes: float = 1440.0
+    # a waiting rank fails (one line naming the silent rank and host) once a working rank's heartbeat file
+    # has not moved for this long (it beats every min(30 s, stale_minutes/5)); keep it well above NFS's ~1 min cache
+    stale_minutes: float = 10.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 

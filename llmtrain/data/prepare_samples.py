@@ -5,7 +5,10 @@ data.prepare_chunk_rows rows each); ranks draw chunk numbers from one counter in
 store (`store.add`: each number handed out once, no collective) and tokenize them in their own
 worker processes (data.prepare_workers). So preparation scales with the cores of every node, and
 no rank waits inside a collective: a rank that runs out of chunks polls the directory for the
-others' chunks with its own timeout (data.prepare_timeout_minutes) and says what it waits for.
+others' chunks with its own cap (data.prepare_timeout_minutes) and says what it waits for. Every
+rank beats a heartbeat (waiting.Heartbeat, in <split dir>/.llmtrain-wait/) while it prepares, so a
+rank killed while it holds chunks (or the plan, or the manifest) ends the others' wait within
+dist.stale_minutes with one line naming it, instead of at the cap.
 
 Where it lives: <data.cache_dir or output_dir/cache>/<sft|dpo>-<key>/, where the key hashes
 everything the samples depend on (source files' paths, sizes and mtimes or datasets'
@@ -33,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+from ..distributed import waiting
 from .coordination import SAY_EVERY_S, ChunkCounter, cleanup_tmp, default_store, say, storage_id, wait_for
 from .sample_worker import EncodeSpec, chunk_name, init_worker, run_chunk  # noqa: F401  (EncodeSpec: API)
 from .samples import (FORMAT_VERSION, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, data_fingerprint,
@@ -54,7 +58,8 @@ class Request:
     cache_root: str
     chunk_rows: int = 4096
     workers: int = 0  # per rank; 0 = automatic
-    timeout_s: float = 4 * 3600.0
+    timeout_s: float = 24 * 3600.0  # data.prepare_timeout_minutes (0 = no cap)
+    stale_s: float = 600.0  # dist.stale_minutes: a rank whose heartbeat stops this long is gone
     max_bad_fraction: float = 0.001
     rank: int = 0
     world_size: int = 1
@@ -146,6 +151,9 @@ class _Preparer:
         self.token = self.counter.launch_token()
         self.dtype = dtype_for_vocab(len(tokenizer)).name
         self.started = time.time()
+        beats = os.path.join(directory, waiting.MARKERS)
+        self.heartbeat = waiting.Heartbeat(beats, f"prepare-{self.token}", self.rank, req.stale_s)
+        self.liveness = waiting.Liveness(beats, f"prepare-{self.token}", req.stale_s) if req.world_size > 1 else None
 
     # --- failures other ranks must hear about ---
     def _failed(self) -> None:
@@ -191,10 +199,16 @@ class _Preparer:
             write_json_atomic(path, {"chunks": [asdict(c) for c in chunks]})
             return chunks
         return wait_for(read, lambda: f"the plan of {self.req.key} ({path})", self.req.timeout_s, self._failed,
-                        self.rank)
+                        self.rank, self.liveness, f"prepare {self.req.key}")
 
     # --- tokenize ---
     def run(self) -> SampleStore:
+        if self.liveness is None:  # one process: nobody waits for it
+            return self._run()
+        with self.heartbeat:  # until this rank is done: the plan, its chunks, maybe the manifest
+            return self._run()
+
+    def _run(self) -> SampleStore:
         chunks = self.plan()
         st = _State(self.dir, chunks, self.dtype, sum(c.row_stop - c.row_start for c in chunks))
         workers = workers_per_rank(self.req.workers, self.req.local_world_size)
@@ -248,7 +262,7 @@ class _Preparer:
                 if self.rank == 0 and time.monotonic() - last_say >= 30:
                     say(0, f"{self.req.key}: {self._count_done(st)}/{len(st.chunks)} chunks done")
                     last_say = time.monotonic()
-        except (DataError, KeyboardInterrupt):
+        except (DataError, waiting.WaitError, KeyboardInterrupt):
             raise
         except BaseException as e:  # tell the other ranks, then fail here too
             self._record_error(e)
@@ -285,7 +299,7 @@ class _Preparer:
             return (f"{what} of {self.req.key} that other ranks are preparing in {self.dir}: "
                     f"{len(names)} chunk(s) not finished: {', '.join(names[:3])}{more}")
 
-        wait_for(check, describe, self.req.timeout_s, self._failed, self.rank)
+        wait_for(check, describe, self.req.timeout_s, self._failed, self.rank, self.liveness, f"prepare {self.req.key}")
 
     def _write_manifest(self, st: _State, workers: int) -> None:
         sides = [st.sides[i] for i in range(len(st.chunks))]

@@ -53,10 +53,11 @@ class DataContext:
     tokenizer: Any
     tok_hash: str  # data.tokenizer_id.tokenizer_hash(tokenizer): keys the prepared-data cache
     output_dir: str  # prepared data (default cache) and bad-row reports go here
+    stale_minutes: float = 10.0  # dist.stale_minutes: a preparing rank whose heartbeat stops this long is gone
 
     @classmethod
     def of(cls, cfg: Config, tokenizer, info, tok_hash: str) -> "DataContext":
-        return cls(cfg.data, cfg.train, info, tokenizer, tok_hash, cfg.output_dir)
+        return cls(cfg.data, cfg.train, info, tokenizer, tok_hash, cfg.output_dir, cfg.dist.stale_minutes)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

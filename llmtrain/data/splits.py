@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from .. import distributed as dist
-from ..config import DataConfig, sources
+from ..config import DataConfig, DistConfig, sources
 from ..errors import DataError
 from .chat import chat_options
 from .protocol import DataContext
@@ -20,13 +20,15 @@ def encode_spec(d: DataConfig, kind: str):
                       options=(("chat", chat_options(d)),))  # data.train_reasoning / template_date
 
 
-def prepare_request(d: DataConfig, output_dir: str, tok_hash: str, key: str, kind: str, info=None):
-    """key "data.train" | "data.eval", kind "sft" | "dpo"; info: this rank (None: one process)."""
+def prepare_request(d: DataConfig, output_dir: str, tok_hash: str, key: str, kind: str, info=None,
+                    stale_minutes: float = DistConfig.stale_minutes):
+    """key "data.train" | "data.eval", kind "sft" | "dpo"; info: this rank (None: one process);
+    stale_minutes: dist.stale_minutes (only several ranks watch each other's heartbeats)."""
     from .prepare_samples import Request
 
     return Request(key=key, srcs=sources(d, key), spec=encode_spec(d, kind), tok_hash=tok_hash,
                    cache_root=d.cache_dir or os.path.join(output_dir, "cache"), chunk_rows=d.prepare_chunk_rows,
-                   workers=d.prepare_workers, timeout_s=d.prepare_timeout_minutes * 60,
+                   workers=d.prepare_workers, timeout_s=d.prepare_timeout_minutes * 60, stale_s=stale_minutes * 60,
                    max_bad_fraction=d.max_bad_fraction, rank=getattr(info, "rank", 0),
                    world_size=getattr(info, "world_size", 1), local_world_size=getattr(info, "local_world_size", 1))
 
@@ -39,7 +41,8 @@ def load_split(ctx: DataContext, key: str, kind: str):
     d = ctx.data
     report_path = os.path.join(ctx.output_dir, f"bad_rows_{key.split('.')[-1]}.jsonl")
     try:
-        samples, report = prepared_split(prepare_request(d, ctx.output_dir, ctx.tok_hash, key, kind, ctx.info),
+        samples, report = prepared_split(prepare_request(d, ctx.output_dir, ctx.tok_hash, key, kind, ctx.info,
+                                                         ctx.stale_minutes),
                                          ctx.tokenizer)
     except TooManyBadRows as e:
         if dist.is_main():

@@ -100,8 +100,9 @@ def _no_update(engine):
 
 
 def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_size: int,
-               device: torch.device) -> EngineAdapter:
-    """deepspeed.initialize with AdamW groups (optim.param_groups) and the recipe's LR schedule."""
+               device: torch.device, ds_config_path: str = "the DeepSpeed config") -> EngineAdapter:
+    """deepspeed.initialize with AdamW groups (optim.param_groups) and the recipe's LR schedule;
+    ds_config_path (deepspeed.config) names the JSON in the refusal of an asynchronous checkpoint writer."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -114,6 +115,9 @@ def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_si
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
     )
+    from .ckpt_engine import check_supported
+
+    check_supported(engine.checkpoint_engine, ds_config_path)  # before training, not at the first save
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     return EngineAdapter(engine, stage=stage, grad_scale=backward_scale(t.grad_accum, world_size), device=device)
 
