@@ -17,6 +17,8 @@ from typing import Callable, Optional
 from ..distributed import waiting
 
 STORAGE_ID_NAME = "storage-id"
+POLL_S = 0.05  # first poll interval of a waiting rank; it grows by half each poll up to max_poll_s
+MAX_POLL_S = 2.0  # (backoff: quick when the wait is short, a few stats per second at most when it is long)
 SAY_EVERY_S = 60.0  # how often a waiting rank says what it waits for
 
 
@@ -90,7 +92,8 @@ def storage_id(directory: str) -> str:
 
 
 def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: float, fail: Callable[[], None],
-             rank: int, liveness: Optional[waiting.Liveness] = None, doing: str = "prepare data") -> object:
+             rank: int, liveness: Optional[waiting.Liveness] = None, doing: str = "prepare data",
+             max_poll_s: float = MAX_POLL_S) -> object:
     """Poll `ready()` until it returns something truthy; call `fail()` (which raises when the wait must
     end early, e.g. another rank failed) and check `liveness` (WorkerGone naming a rank that stopped
     beating while it was to `doing`) each poll; every SAY_EVERY_S say `what()`.
@@ -115,7 +118,8 @@ def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: fl
 
     # first word after 2 s: short waits stay quiet
     return waiting.poll_until(ready, timeout_s=timeout_s, on_timeout=timed_out, check=check, say=progress,
-                              say_every_s=SAY_EVERY_S, first_say_s=2.0)
+                              say_every_s=SAY_EVERY_S, first_say_s=2.0,
+                              first_delay_s=POLL_S, max_delay_s=max_poll_s)
 
 
 def say(rank: int, message: str) -> None:
@@ -124,18 +128,7 @@ def say(rank: int, message: str) -> None:
 
 
 def cleanup_tmp(directory: str) -> None:
-    """Temporary files of this host's dead processes (an interrupted preparation) go; live ones stay."""
-    host = socket.gethostname()
-    for f in os.listdir(directory):
-        if ".tmp-" not in f:
-            continue
-        tag = f.rsplit(".tmp-", 1)[1]
-        h, _, pid = tag.rpartition("-")
-        if h != host or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(directory, f))
-        except PermissionError:
-            pass
+    """Temporary files of dead writers (see files.cleanup_tmp: other nodes' too, once stale)."""
+    from .files import cleanup_tmp as cleanup
+
+    cleanup(directory)

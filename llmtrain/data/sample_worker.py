@@ -42,15 +42,22 @@ class EncodeSpec:
 
 
 
-_W: dict = {}  # per-process state, set by _init_worker
+_W: dict = {}  # per-process state, set by init_worker, cleared by clear_worker
 
 
 def init_worker(tokenizer, reader: SplitReader, spec: EncodeSpec, directory: str, dtype: str,
-                 in_subprocess: bool) -> None:
+                in_subprocess: bool) -> None:
+    # (a remote-code tokenizer's class unpickles in a spawned worker: spawn carries the parent's
+    # sys.path, which holds transformers' dynamic-module directory)
     if in_subprocess:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
         _die_with_parent()
     _W.update(tok=tokenizer, reader=reader, spec=spec, dir=directory, dtype=np.dtype(dtype))
+
+
+def clear_worker() -> None:
+    """Drop the per-process state (in-process preparation: the rank goes on to train)."""
+    _W.clear()
 
 
 def _die_with_parent() -> None:

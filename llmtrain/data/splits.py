@@ -35,7 +35,8 @@ def prepare_request(d: DataConfig, output_dir: str, tok_hash: str, key: str, kin
 
 def load_split(ctx: DataContext, key: str, kind: str):
     """A split's samples, prepared once by all ranks together (llmtrain.data.prepare_samples) into
-    the content-keyed cache and read by position; the bad-row report goes to output_dir on rank 0."""
+    the content-keyed cache and read from there by position (pread); the bad-row report goes to
+    output_dir on rank 0."""
     from .prepare_samples import TooManyBadRows, prepared_split
 
     d = ctx.data
