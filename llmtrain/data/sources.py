@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 from ..config import ConfigError, SourceConfig
-from . import json_array
+from . import json_array, line_cuts
 
 
 class DataError(RuntimeError):
@@ -260,9 +260,7 @@ class SplitReader:
     def _survey(self, i: int, path: str, grain: int) -> _Survey:
         kind = "hub" if is_hub(self.srcs[i]) else _kind(path)
         if kind == "jsonl":
-            from .shards.prepare import _jsonl_cuts  # numpy newline scan: ~GB/s, no Python object per line
-
-            cuts = _jsonl_cuts(path, grain)
+            cuts = line_cuts.jsonl_cuts(path, grain)  # numpy newline scan: ~GB/s, no Python object per line
             return _Survey(i, path, kind, cuts[-1][0], cuts=cuts)
         if kind == "json":
             try:

@@ -193,7 +193,7 @@ def test_chunks_are_sized_per_split_and_a_prepared_split_opens_with_o1_files(tmp
     """Chunks per split follow the number of tokenizer processes (not ~1024 per file), each file is
     scanned once, and opening the prepared split (and its bad-row report) reads a constant number of
     files, whatever its number of chunks."""
-    from llmtrain.data.shards import prepare as prepare_module
+    from llmtrain.data import line_cuts
     from llmtrain.data.prepare_samples import report_of
     from llmtrain.data.samples import SampleStore
 
@@ -205,8 +205,8 @@ def test_chunks_are_sized_per_split_and_a_prepared_split_opens_with_o1_files(tmp
         paths.append(tmp_path / f"part{f}.jsonl")
         paths[-1].write_text("\n".join(lines) + "\n")
     scans = []
-    real_cuts = prepare_module._jsonl_cuts
-    monkeypatch.setattr(prepare_module, "_jsonl_cuts", lambda p, k: scans.append(p) or real_cuts(p, k))
+    real_cuts = line_cuts.jsonl_cuts
+    monkeypatch.setattr(line_cuts, "jsonl_cuts", lambda p, k: scans.append(p) or real_cuts(p, k))
     req = Request("data.train", [SourceConfig(str(tmp_path / "part*.jsonl"))], EncodeSpec("sft", 96), "tok",
                   str(tmp_path / "cache"), workers=1, max_bad_fraction=0.2)
     store, report = prepared_split(req, tok)
