@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Optional
 
-from ..config import load_config
+from ..config import check_produced_inputs, load_config
 from ..data.tokenizer_id import tokenizer_hash
 from ..errors import LlmtrainError
 from ..models.tokenizer import load_tokenizer
@@ -35,6 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     try:
         cfg = load_config(args.recipe, args.overrides)
+        check_produced_inputs(cfg)  # an input another command makes: one line naming it
         tok = load_tokenizer(cfg.model)
         if args.json:
             write_json(tok, cfg.data, args.num_samples, args.json)

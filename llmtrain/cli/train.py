@@ -9,7 +9,7 @@ import sys
 from typing import Optional
 
 from .. import distributed as dist
-from ..config import load_config
+from ..config import check_produced_inputs, load_config
 from ..distributed.waiting import OtherRankFailed, WaitError
 from ..errors import LlmtrainError
 from ..objectives import OBJECTIVES
@@ -27,6 +27,7 @@ def main(task: str, argv: Optional[list[str]] = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.recipe, args.overrides)
+        check_produced_inputs(cfg)  # an input another command makes: one line naming it
         run_task(cfg, OBJECTIVES[task].from_config(cfg))
         code = 0
     except WaitError as e:  # raised by every waiting rank; the rank that would print may be the dead one

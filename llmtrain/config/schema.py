@@ -171,6 +171,10 @@ class LoraConfig(Section):
 class Config(Section):
     output_dir: str = "runs/default"  # where everything of a run goes
     overwrite_output_dir: bool = False  # allow reusing an output_dir holding another run (train.resume=never)
+    # inputs made by another command, {path: that command}: while the recipe still uses a path (as
+    # model.name_or_path, model.tokenizer or a data source) that does not exist, loading fails with one
+    # line naming the command (e.g. the SFT run whose final/ a DPO recipe starts from)
+    produced_by: dict = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -70,6 +70,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.where('output_dir')}: output_dir={cfg.output_dir!r} must not climb out with '..'")
 
 
+def check_produced_inputs(cfg: Config) -> None:
+    """A produced_by input the recipe still uses and that is missing: one line naming the command that
+    makes it. Called by the commands that read the inputs (training, prepare, inspect, plan) before
+    any model, tokenizer or data loading would say only "not found"; not at load time, so that a
+    recipe can be loaded and checked before its inputs exist."""
+    d = cfg.data
+    used = [cfg.model.name_or_path, cfg.model.tokenizer]
+    used += [e if isinstance(e, str) else e.get("path") for e in [*d.train, *d.eval] if isinstance(e, (str, dict))]
+    used_paths = {os.path.normpath(p) for p in used if isinstance(p, str)}
+    for path, command in cfg.produced_by.items():
+        if os.path.normpath(str(path)) in used_paths and not os.path.exists(os.path.expanduser(str(path))):
+            raise ConfigError(f"{cfg.where('produced_by')}: {path} does not exist yet; it is made by `{command}`: "
+                              "run that first")
+
+
 def _is_iso_date(text: str) -> bool:
     try:
         datetime.date.fromisoformat(text)

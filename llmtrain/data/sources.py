@@ -26,12 +26,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from ..config import ConfigError, SourceConfig
+from ..config import SourceConfig
+from ..errors import ConfigError, DataError  # noqa: F401  (DataError: raised here, imported from here too)
 from . import json_array, line_cuts
-
-
-class DataError(RuntimeError):
-    """Data that cannot be trained on (too many bad rows, nothing left): printed as one line."""
 
 
 @dataclass
