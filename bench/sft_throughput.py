@@ -35,10 +35,8 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
