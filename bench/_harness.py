@@ -107,6 +107,17 @@ def run_measured(cmd: list[str], env: dict, log_path: str, peak_json: str) -> di
     return out
 
 
+def run_trl_child(script: str, spec: dict, spec_path: str, args) -> dict:
+    """The bench's TRL side in its own process: `script --child trl --child-args spec_path` with `spec`
+    written there; returns the child's <spec["out"]>.result.json with the peak memory measured."""
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, script, "--child", "trl", "--child-args", spec_path]
+    mem = run_measured(cmd, child_env(args), spec_path + ".log", spec_path + ".peak.json")
+    with open(spec["out"] + ".result.json") as f:
+        return {**json.load(f), **mem}
+
+
 # run inside the llmtrain child: the real entry point (launch/sft.py) via runpy, plus a GPU peak report
 LLMTRAIN_WRAPPER = """
 import atexit, json, os, runpy, sys
@@ -136,6 +147,26 @@ def step_clock(trainer, cuda: bool) -> list[float]:
 
     trainer.add_callback(StepClock())
     return stamps
+
+
+def timed_train(trainer, cuda: bool, count) -> dict:
+    """trainer.train() with every collated batch counted (count(features, batch) -> {name: number}):
+    the counts summed over steps 2..N (step 1 is warmup), the seconds of those steps, the final
+    loss and the number of steps."""
+    collate, counts = trainer.data_collator, []
+
+    def counting_collator(features):
+        batch = collate(features)
+        counts.append(count(features, batch))
+        return batch
+
+    trainer.data_collator = counting_collator
+    times = step_clock(trainer, cuda)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    n = len(times)
+    sums = {k: sum(c[k] for c in counts[1:n]) for k in (counts[0] if counts else {})}  # steps 2..N
+    return {**sums, "seconds": times[-1] - times[0], "final_loss": losses[-1] if losses else float("nan"), "steps": n}
 
 
 def write_child_result(out: str, cuda: bool, result: dict) -> None:

@@ -59,7 +59,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import (  # noqa: E402  (shared by the throughput benches)
     LLMTRAIN_WRAPPER, REPO, TOKENIZER, WORDS, add_shared_args, best_of_rounds, child_env, model_config, param_count,
-    peak_flops_or_none, run_measured, setup_line, step_clock, write_child_result)
+    peak_flops_or_none, run_measured, run_trl_child, setup_line, timed_train, write_child_result)
 
 sys.path.insert(0, REPO)
 
@@ -210,14 +210,8 @@ def run_trl(args, padding_free: bool, model_dir: str, jsonl: str, work: str) -> 
     spec = {"padding_free": padding_free, "model_dir": model_dir, "data": jsonl, "out": os.path.join(work, f"trl-{name}"),
             "pairs": args.pairs, "max_seq_len": args.max_seq_len, "steps": args.steps, "lr": args.lr,
             "beta": args.beta, "seed": args.seed, "gradient_checkpointing": args.trl_gradient_checkpointing}
-    spec_path = spec["out"] + ".json"
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "trl", "--child-args", spec_path]
-    mem = run_measured(cmd, child_env(args), spec_path + ".log", spec_path + ".peak.json")
-    with open(spec["out"] + ".result.json") as f:
-        res = json.load(f)
-    return {**res, **mem, "cmd": f"DPOTrainer(DPOConfig(padding_free={padding_free}), ref_model=None)"}
+    res = run_trl_child(os.path.abspath(__file__), spec, spec["out"] + ".json", args)
+    return {**res, "cmd": f"DPOTrainer(DPOConfig(padding_free={padding_free}), ref_model=None)"}
 
 
 def trl_child(spec_path: str) -> None:
@@ -252,25 +246,11 @@ def trl_child(spec_path: str) -> None:
     if spec["padding_free"] and not result["padding_free_kept"]:
         result["skipped"] = "DPOTrainer turned padding_free off (trl falls back to padding)"
         return write_child_result(spec["out"], False, result)
-    counts = {"real": [], "computed": [], "pairs": []}
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        counts["real"].append(int(batch["attention_mask"].sum()))
-        counts["computed"].append(batch["input_ids"].numel())
-        counts["pairs"].append(len(features))
-        return batch
-
-    trainer.data_collator = counting_collator
-    times = step_clock(trainer, cuda)
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    n = len(times)
-    real, computed = sum(counts["real"][1:n]), sum(counts["computed"][1:n])  # steps 2..N
-    result.update({"real_tokens": real, "seconds": times[-1] - times[0], "padding": 1 - real / computed,
-                   "pairs": sum(counts["pairs"][1:n]), "final_loss": losses[-1] if losses else float("nan"),
-                   "steps": n})
+    r = timed_train(trainer, cuda, lambda features, batch: {"real": int(batch["attention_mask"].sum()),
+                                                            "computed": batch["input_ids"].numel(),
+                                                            "pairs": len(features)})
+    result.update({"real_tokens": r["real"], "seconds": r["seconds"], "padding": 1 - r["real"] / r["computed"],
+                   "pairs": r["pairs"], "final_loss": r["final_loss"], "steps": r["steps"]})
     write_child_result(spec["out"], cuda, result)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import (  # noqa: E402  (shared by the throughput benches)
     LLMTRAIN_WRAPPER, REPO, TOKENIZER, WORDS, add_shared_args, best_of_rounds, child_env, model_config, param_count,
-    peak_flops_or_none, run_measured, setup_line, step_clock, write_child_result)
+    peak_flops_or_none, run_measured, run_trl_child, setup_line, timed_train, write_child_result)
 
 VARIANTS = {
     "a": "llmtrain padded",
@@ -155,15 +155,8 @@ def run_trl(args, packing: bool, rows: int, samples_path: str, work: str) -> dic
     spec = {"packing": packing, "rows": rows, "samples": samples_path, "out": os.path.join(work, f"trl-{name}"),
             "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "max_seq_len": args.max_seq_len,
             "steps": args.steps, "lr": args.lr, "seed": args.seed}
-    spec_path = os.path.join(work, f"trl-{name}.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    result_path = spec["out"] + ".result.json"
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "trl", "--child-args", spec_path]
-    mem = run_measured(cmd, child_env(args), spec_path + ".log", spec_path + ".peak.json")
-    with open(result_path) as f:
-        res = json.load(f)
-    return {**res, **mem, "cmd": f"SFTTrainer(SFTConfig(packing={packing}{', packing_strategy=bfd' if packing else ''}))"}
+    res = run_trl_child(os.path.abspath(__file__), spec, os.path.join(work, f"trl-{name}.json"), args)
+    return {**res, "cmd": f"SFTTrainer(SFTConfig(packing={packing}{', packing_strategy=bfd' if packing else ''}))"}
 
 
 def trl_child(spec_path: str) -> None:
@@ -197,24 +190,11 @@ def trl_child(spec_path: str) -> None:
         use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
-    counts = {"real": [], "computed": []}
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        counts["real"].append(sum(len(f["input_ids"]) for f in features))
-        counts["computed"].append(batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting_collator
-    times = step_clock(trainer, cuda)
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    n = len(times)
-    real, computed = sum(counts["real"][1:n]), sum(counts["computed"][1:n])  # steps 2..N
-    write_child_result(spec["out"], cuda, {"real_tokens": real, "seconds": times[-1] - times[0],
-                                           "padding": 1 - real / computed,
-                                           "final_loss": losses[-1] if losses else float("nan"), "steps": n})
+    r = timed_train(trainer, cuda, lambda features, batch: {"real": sum(len(f["input_ids"]) for f in features),
+                                                            "computed": batch["input_ids"].numel()})
+    write_child_result(spec["out"], cuda, {"real_tokens": r["real"], "seconds": r["seconds"],
+                                           "padding": 1 - r["real"] / r["computed"], "final_loss": r["final_loss"],
+                                           "steps": r["steps"]})
 
 
 # --------------------------------------------------------------------------- main
