@@ -3,7 +3,7 @@ boundaries llmtrain's collate precomputes (`cu_seq_lens`, `max_segment_len`).
 
   python bench/flash_syncs.py [--arch llama|qwen2|mistral|gpt2] [--layers 4]
 
-Runs on CPU with the pure-PyTorch flash kernels (llmtrain/flash_reference.py) and counts, per
+Runs on CPU with the pure-PyTorch flash kernels (llmtrain/models/flash_reference.py) and counts, per
 forward, every operation that reads a device tensor on the host (Tensor.__bool__/item/tolist/
 __int__/__index__/nonzero: on a GPU each one waits for the device), grouped by where it happens,
 plus the calls of transformers' packed-sequence detectors. The stand-in's own bookkeeping
@@ -67,9 +67,9 @@ def main() -> None:
     from transformers import modeling_flash_attention_utils as fa_utils
 
     from conftest import TINY, TOKENIZER
-    from llmtrain import flash_reference
+    from llmtrain.models import flash_reference
     from llmtrain.data.batching import collate_sequences
-    from llmtrain.tasks import model_inputs
+    from llmtrain.objectives.lm_forward import model_inputs
 
     flash_reference.install()
     calls: collections.Counter = collections.Counter()  # module functions are looked up at call time

@@ -46,7 +46,7 @@ def _proc_status(key: str) -> float:
 
 def child(data_dir: str, rows: int, seq_len: int, seed: int) -> None:
     """Runs in a fresh process: read `rows` rows and report memory as one JSON line."""
-    from llmtrain.data.shards import PretrainRows, TokenShards
+    from llmtrain.data.shards.store import PretrainRows, TokenShards
 
     base = _proc_status("VmHWM")
     sampler = PretrainRows(TokenShards(data_dir), seq_len=seq_len, seed=seed)
@@ -110,7 +110,7 @@ def main() -> None:
     if a.child:
         return child(a.child, a.rows, a.seq_len, a.seed)
 
-    from llmtrain.data.prepare import prepare_corpus
+    from llmtrain.data.shards.prepare import prepare_corpus
 
     root = a.keep or tempfile.mkdtemp(prefix="pretrain_memory_")
     results = []

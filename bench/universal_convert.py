@@ -99,8 +99,8 @@ def main() -> int:
     args = p.parse_args()
     settings = [None if w == "auto" else tuple(int(x) for x in w.split(",")) for w in args.workers.split(";")]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from llmtrain import checkpoint, universal
-    from llmtrain.dist import _free_port
+    from llmtrain.train import checkpoint, universal
+    from llmtrain.distributed.launchers import _free_port
 
     work = args.workdir or tempfile.mkdtemp(prefix="universal_bench_")
     print(f"settings: 2-rank ZeRO-2 fp32 checkpoint (CPU), converter workers {args.workers}, "

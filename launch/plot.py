@@ -1,34 +1,7 @@
-"""Overlay run curves: python launch/plot.py RUN_DIR [RUN_DIR ...] [--out FILE]
-
-Reads each RUN_DIR/metrics.jsonl and draws train/eval loss, learning rate, tokens/s and (DPO)
-reward accuracy and margin, one colour per run (llmtrain/plots.py). Default --out: curves.png
-in the single run's directory, or ./curves_compare.png for several runs.
-"""
-import argparse
-import os
+"""`llmtrain plot` as a script: python launch/plot.py [arguments]  (arguments: llmtrain/cli/plot.py)"""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from llmtrain.plots import plot_runs, read_metrics  # noqa: E402
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="run output_dir(s) holding metrics.jsonl")
-    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png for one run, ./curves_compare.png for several)")
-    args = p.parse_args()
-    runs = {}
-    for d in args.run_dirs:
-        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
-            print(f"error: {d} has no metrics.jsonl (is it a run's output_dir?)", file=sys.stderr)
-            return 2
-        label = os.path.basename(os.path.normpath(d))
-        runs[label if label not in runs else d] = read_metrics(d)
-    out = args.out or (os.path.join(args.run_dirs[0], "curves.png") if len(runs) == 1 else "curves_compare.png")
-    print(plot_runs(runs, out))
-    return 0
-
+from llmtrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("plot"))

@@ -1,10 +1,7 @@
-"""pretrain entry point: python|deepspeed|torchrun|mpirun|srun ... launch/pretrain.py --recipe R [key=value ...]"""
-import os
+"""pretrain: python|deepspeed|torchrun|mpirun|srun ... launch/pretrain.py --recipe R [key=value ...]  (= `llmtrain pretrain`)"""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from llmtrain.runner import main  # noqa: E402
+from llmtrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain"))
+    sys.exit(run("pretrain"))

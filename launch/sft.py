@@ -1,10 +1,7 @@
-"""sft entry point: python|deepspeed|torchrun|mpirun|srun ... launch/sft.py --recipe R [key=value ...]"""
-import os
+"""sft: python|deepspeed|torchrun|mpirun|srun ... launch/sft.py --recipe R [key=value ...]  (= `llmtrain sft`)"""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from llmtrain.runner import main  # noqa: E402
+from llmtrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main("sft"))
+    sys.exit(run("sft"))

@@ -1,6 +1,14 @@
-"""Shared fixtures: tiny real HF models saved locally, recipe writing, launcher helpers."""
+"""The one conftest: tiny real HF models saved locally, recipe writing, launcher helpers, the demo
+data generator, and the markers each test directory implies.
+
+tests/unit         in this process (a one-rank DeepSpeed engine at most)       marker `unit`
+tests/integration  starts processes: commands, launchers, ranks over gloo     marker `integration`
+tests/cluster      starts a machine-wide Slurm cluster (root)                 marker `cluster`
+A test elsewhere that starts processes carries `@pytest.mark.integration` itself.
+"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +22,9 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
 BIN = os.path.dirname(sys.executable)
+
+# every process a test starts imports this checkout's llmtrain (not another installed copy)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 
 # one thread per rank: two ranks on two cores otherwise fight over every core
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -30,6 +41,24 @@ TINY = {
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=None),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
 }
+
+
+def _load_example(name: str):
+    """examples/<name>.py (demo code, not part of the library) as a module."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(REPO, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+synth = _load_example("synth")  # the demo data generator (examples/synth.py): synthetic data for tests
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = os.path.relpath(str(item.fspath), os.path.join(REPO, "tests")).split(os.sep)
+        if parts[0] in ("unit", "integration", "cluster"):
+            item.add_marker(parts[0])
 
 
 def build_tiny(arch: str, seed: int = 0):

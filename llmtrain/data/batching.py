@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .chat import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 
 def pack_next_fit(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[list[int]]:

@@ -16,37 +16,18 @@ bad row with its reason), whatever the template does with it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from .chat_base import DEFAULT_OPTIONS, ChatOptions, RowError  # noqa: F401  (re-exported: the chat API)
+
 MASK_VERSION = 2  # bump when masks change for the same rows and template: keys the tokenization cache
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "observation": "tool", "tool": "tool", "function_call": "assistant"}
 _ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-
-
-class RowError(ValueError):
-    """This one row is malformed: skipped and counted with its file:line."""
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be used at all: a config error (kept for callers that catch it)."""
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    """How conversations are rendered and masked (DataConfig.train_reasoning / template_date)."""
-
-    train_reasoning: bool = True  # train an assistant turn's reasoning (where the template renders it)
-    template_date: str = "2024-07-26"  # the "today" that date-printing templates render (Llama 3.x, gpt-oss)
-
-
-DEFAULT_OPTIONS = ChatOptions()
 
 
 def chat_options(data_cfg) -> ChatOptions:
@@ -195,9 +176,25 @@ def tokenize_chat(tokenizer, messages: list[dict], last_turn_only: bool = False,
     return labels_from_spans(tokenizer, text, spans)
 
 
-def default_chat_template() -> str:
-    from ..tokenizer_train import CHATML_TEMPLATE
+# ChatML. Every message renders to a fixed string that depends only on that message, so rendering
+# messages[:k] is a prefix of rendering messages[:k+1]; the SFT data code relies on this to find
+# where each assistant turn starts. {% generation %} marks the trained span (content + <|im_end|>)
+# for `return_assistant_tokens_mask=True`; it renders nothing itself.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' + '\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
 
+
+def default_chat_template() -> str:
     return CHATML_TEMPLATE
 
 

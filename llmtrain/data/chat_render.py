@@ -22,7 +22,7 @@ import re
 from functools import partial
 from typing import Optional
 
-from .chat import ChatOptions, RowError
+from .chat_base import ChatOptions, RowError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _FOLDS_SYSTEM: dict[str, bool] = {}  # template -> it rejects a system message (probed once, see _folds_system)

@@ -34,7 +34,8 @@ from typing import Optional
 
 import numpy as np
 
-from .chat import IGNORE_INDEX, RowError
+from .chat_base import RowError
+from .labels import IGNORE_INDEX
 
 _PROBES = ("\ue000", "\ue001", "\ue002")  # private-use characters: no template rewrites them
 _ATOMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (len, Atoms)

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Optional
 
-from .files import pid_alive
+from .files import pid_alive, read_json
 
 CLAIM_EXT = ".claim"
 HEARTBEAT_S = 30.0  # how often an owner touches its claims
@@ -99,11 +99,8 @@ class Claims:
 
 
 def owner_of(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    """The claim file's owner record (host, pid, ...), or None when the claim is gone or half-written."""
+    return read_json(path)
 
 
 def is_stale(path: str, stale_s: Optional[float] = None) -> bool:

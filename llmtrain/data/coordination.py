@@ -1,7 +1,7 @@
 """Coordination of ranks that prepare data together, without collectives.
 
 A counter in the rendezvous store hands out work items once each; a storage id tells which ranks
-see the same files; `wait_for` polls for a file another rank writes, through llmtrain.waiting's
+see the same files; `wait_for` polls for a file another rank writes, through llmtrain.distributed.waiting's
 polling (backoff to 5 s, the WaitError family of one-line errors) with the preparation's own cap
 (data.prepare_timeout_minutes) and a message saying what it waits for; with a `Liveness` it also
 fails, within dist.stale_minutes, when a rank that holds work stopped beating (waiting.Heartbeat).
@@ -14,7 +14,7 @@ import sys
 import uuid
 from typing import Callable, Optional
 
-from .. import waiting
+from ..distributed import waiting
 
 STORAGE_ID_NAME = "storage-id"
 POLL_S = 0.05  # first poll interval of a waiting rank; it grows by half each poll up to max_poll_s

@@ -10,9 +10,11 @@ can be attributed to its (maybe dead) owner.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from typing import Optional
 
 TMP_MARK = ".tmp-"
 OTHER_HOST_TMP_STALE_S = 6 * 3600.0  # a temporary file of another node untouched this long is a crash leftover
@@ -61,6 +63,16 @@ def write_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f)
     replace_atomic(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def read_json(path: str) -> Optional[dict]:
+    """The JSON in `path`, or None when it is missing or not (yet) valid JSON: the readers of files
+    that other processes publish (claims, chunk sidecars, manifests) treat both as "not there"."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def publish_json_once(path: str, obj) -> bool:

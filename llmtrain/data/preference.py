@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chat import (DEFAULT_OPTIONS, IGNORE_INDEX, ChatOptions, RowError, normalize_message, row_tools, tokenize_chat,
+from .chat import (DEFAULT_OPTIONS, ChatOptions, RowError, normalize_message, row_tools, tokenize_chat,
                    validate_messages)
+from .labels import IGNORE_INDEX
 from .sources import BadRowReport
 
 

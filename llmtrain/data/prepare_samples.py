@@ -42,15 +42,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
-from .. import waiting
-from ..config import ConfigError
+from ..distributed import waiting
+from ..errors import ConfigError
 from .claims import CLAIM_EXT, Claims, owner_of
 from .coordination import SAY_EVERY_S, ChunkCounter, default_store, say, storage_id, wait_for
 from .cpu_quota import usable_cpus
 from .files import cleanup_tmp, publish_json_once, write_json_atomic
 from .sample_worker import EncodeSpec, chunk_name, clear_worker, init_worker, run_chunk  # noqa: F401 (EncodeSpec: API)
 from .samples import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, finalize_split, read_bad_rows
-from .shards import dtype_for_vocab
+from .shards.store import dtype_for_vocab
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
 PLAN_NAME, FAILED_NAME = "plan.json", "failed.json"

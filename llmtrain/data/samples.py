@@ -42,8 +42,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .chat import IGNORE_INDEX
-from .files import publish_json_once, publish_once, tmp_suffix, write_json_atomic  # noqa: F401 (write_json_atomic: API)
+from .labels import IGNORE_INDEX
+from .files import publish_json_once, publish_once, read_json, tmp_suffix, write_json_atomic  # noqa: F401 (write_json_atomic: API)
 
 FORMAT_NAME = "llmtrain.samples"
 FORMAT_VERSION = 2  # 2: one .bin per chunk, consolidated index.npy and bad_rows.jsonl
@@ -236,11 +236,8 @@ class ChunkWriter:
 
 
 def read_sidecar(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    """A chunk's sidecar (or a manifest), or None when it is missing or half-written."""
+    return read_json(path)
 
 
 def chunk_done(directory: str, name: str, dtype: np.dtype) -> Optional[dict]:

@@ -12,7 +12,8 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from ..config import SourceConfig
-from .chat import DEFAULT_OPTIONS, IGNORE_INDEX, ChatOptions, RowError, row_tools, to_messages, tokenize_chat
+from .chat import DEFAULT_OPTIONS, ChatOptions, RowError, row_tools, to_messages, tokenize_chat
+from .labels import IGNORE_INDEX
 from .sources import BadRow, BadRowReport, Row, SplitReader
 
 

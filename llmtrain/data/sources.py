@@ -26,12 +26,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from ..config import ConfigError, SourceConfig
-from . import json_array
-
-
-class DataError(RuntimeError):
-    """Data that cannot be trained on (too many bad rows, nothing left): printed as one line."""
+from ..config import SourceConfig
+from ..errors import ConfigError, DataError  # noqa: F401  (DataError: raised here, imported from here too)
+from . import json_array, line_cuts
 
 
 @dataclass
@@ -260,9 +257,7 @@ class SplitReader:
     def _survey(self, i: int, path: str, grain: int) -> _Survey:
         kind = "hub" if is_hub(self.srcs[i]) else _kind(path)
         if kind == "jsonl":
-            from .prepare import _jsonl_cuts  # numpy newline scan: ~GB/s, no Python object per line
-
-            cuts = _jsonl_cuts(path, grain)
+            cuts = line_cuts.jsonl_cuts(path, grain)  # numpy newline scan: ~GB/s, no Python object per line
             return _Survey(i, path, kind, cuts[-1][0], cuts=cuts)
         if kind == "json":
             try:

@@ -8,15 +8,14 @@ CPU fp16 tensors.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator  # noqa: E402
 
 CPU_Accelerator.is_fp16_supported = lambda self: True  # noqa: E731  (torch runs fp16 on any CPU, slowly)
 
-from llmtrain.runner import main  # noqa: E402
+from llmtrain.cli import run  # noqa: E402
 
 # spawned data-preparation workers re-import this file: the work runs only in the launched process
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    sys.exit(run(sys.argv[1], sys.argv[2:]))

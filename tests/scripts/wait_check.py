@@ -10,9 +10,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from llmtrain import dist, waiting  # noqa: E402
+from llmtrain import distributed as dist
+from llmtrain.distributed import waiting  # noqa: E402
 from llmtrain.config import ConfigError  # noqa: E402
 
 marker_dir, work_seconds = sys.argv[1], float(sys.argv[2])

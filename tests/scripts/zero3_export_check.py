@@ -6,20 +6,20 @@ directory is loaded independently with AutoModelForCausalLM.from_pretrained on r
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from llmtrain import dist, export  # noqa: E402
+from llmtrain import distributed as dist
+from llmtrain.train import export  # noqa: E402
 from llmtrain.config import load_config  # noqa: E402
-from llmtrain.loop import train_loop  # noqa: E402
-from llmtrain.runner import setup  # noqa: E402
-from llmtrain.tasks import SFTTask  # noqa: E402
+from llmtrain.train.loop import train_loop  # noqa: E402
+from llmtrain.train.runner import setup  # noqa: E402
+from llmtrain.objectives import SFT  # noqa: E402
 
 # spawned data-preparation workers re-import this file: the work runs only in the launched process
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1], [])
-    run = setup(cfg, SFTTask())
+    run = setup(cfg, SFT.from_config(cfg))
     assert run.stage == 3
     # ZeRO-3: built under zero.Init, every parameter is a partition; this rank holds about 1/world of it
     params = list(run.engine.module.parameters())

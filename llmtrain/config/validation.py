@@ -1,0 +1,113 @@
+"""Value checks that a type alone cannot express; each failure names the key, its file:line and the fix."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+from ..errors import ConfigError
+from .schema import Config
+
+
+def _require(cond: bool, cfg: Config, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{cfg.where(key)}: {key}={get_key(cfg, key)!r} {message}")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that a type alone cannot express."""
+    t, d = cfg.train, cfg.data
+    _require(t.max_steps >= 1, cfg, "train.max_steps", "must be >= 1")
+    _require(t.micro_batch_size >= 1, cfg, "train.micro_batch_size", "must be >= 1")
+    _require(t.grad_accum >= 1, cfg, "train.grad_accum", "must be >= 1")
+    _require(t.lr > 0, cfg, "train.lr", "must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, cfg, "train.min_lr_ratio", "must be in [0, 1]")
+    _require(t.warmup_steps >= 0, cfg, "train.warmup_steps", "must be >= 0")
+    if t.warmup_steps > t.max_steps:
+        # a quick `train.max_steps=4` smoke run of a recipe with a longer warmup should just work
+        cfg.notices.append(f"notice: train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}; "
+                           f"warmup clamped to {t.max_steps} steps")
+        t.warmup_steps = t.max_steps
+    _require(t.max_grad_norm >= 0, cfg, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.save_every >= 0, cfg, "train.save_every", "must be >= 0 (0 = only at the end)")
+    _require(t.eval_every >= 0, cfg, "train.eval_every", "must be >= 0 (0 = never)")
+    _require(t.keep_last >= 1, cfg, "train.keep_last", "must be >= 1")
+    _require(t.log_every >= 1, cfg, "train.log_every", "must be >= 1")
+    _require(t.loss_chunk_tokens >= 0, cfg, "train.loss_chunk_tokens", "must be >= 0 (0 = unchunked)")
+    _require(d.max_seq_len >= 2, cfg, "data.max_seq_len", "must be >= 2")
+    _require(0 <= d.max_bad_fraction <= 1, cfg, "data.max_bad_fraction", "must be in [0, 1]")
+    _require(0 <= d.eval_fraction < 1, cfg, "data.eval_fraction", "must be in [0, 1)")
+    _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
+    _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
+    _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
+    _require(cfg.dist.wait_minutes >= 0, cfg, "dist.wait_minutes", "must be >= 0 (0 = no cap)")
+    _require(cfg.dist.stale_minutes > 0, cfg, "dist.stale_minutes", "must be > 0")
+    _require(d.prepare_workers >= 0, cfg, "data.prepare_workers", "must be >= 0 (0 = automatic)")
+    _require(d.prepare_chunk_rows >= 1, cfg, "data.prepare_chunk_rows", "must be >= 1")
+    _require(d.prepare_timeout_minutes >= 0, cfg, "data.prepare_timeout_minutes", "must be >= 0 (0 = no cap)")
+    _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
+    _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
+    _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")
+    _validate_lora(cfg)
+    m = cfg.model
+    if (m.name_or_path is None) == (m.config is None):
+        raise ConfigError(
+            f"{cfg.where('model.name_or_path')}: set exactly one of model.name_or_path (hub id or "
+            "local directory) and model.config (architecture to build from scratch)"
+        )
+    if m.config is not None and "model_type" not in m.config:
+        raise ConfigError(f"{cfg.where('model.config')}: model.config needs model_type (e.g. llama, qwen2, mistral, gpt2)")
+    if m.config is not None and m.tokenizer is None:
+        raise ConfigError(f"{cfg.where('model.config')}: a model built from model.config needs model.tokenizer (a tokenizer directory)")
+    if ".." in os.path.normpath(cfg.output_dir).split(os.sep):
+        raise ConfigError(f"{cfg.where('output_dir')}: output_dir={cfg.output_dir!r} must not climb out with '..'")
+
+
+def check_produced_inputs(cfg: Config) -> None:
+    """A produced_by input the recipe still uses and that is missing: one line naming the command that
+    makes it. Called by the commands that read the inputs (training, prepare, inspect, plan) before
+    any model, tokenizer or data loading would say only "not found"; not at load time, so that a
+    recipe can be loaded and checked before its inputs exist."""
+    d = cfg.data
+    used = [cfg.model.name_or_path, cfg.model.tokenizer]
+    used += [e if isinstance(e, str) else e.get("path") for e in [*d.train, *d.eval] if isinstance(e, (str, dict))]
+    used_paths = {os.path.normpath(p) for p in used if isinstance(p, str)}
+    for path, command in cfg.produced_by.items():
+        if os.path.normpath(str(path)) in used_paths and not os.path.exists(os.path.expanduser(str(path))):
+            raise ConfigError(f"{cfg.where('produced_by')}: {path} does not exist yet; it is made by `{command}`: "
+                              "run that first")
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        datetime.date.fromisoformat(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    if not lo.enabled:
+        if lo.qlora or lo.merge:
+            key = "lora.qlora" if lo.qlora else "lora.merge"
+            raise ConfigError(f"{cfg.where(key)}: {key}=true needs lora.enabled=true")
+        return
+    _require(lo.r >= 1, cfg, "lora.r", "must be >= 1 (the adapter rank)")
+    _require(lo.alpha > 0, cfg, "lora.alpha", "must be > 0")
+    _require(0 <= lo.dropout < 1, cfg, "lora.dropout", "must be in [0, 1)")
+    tm = lo.target_modules
+    ok = tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm))
+    _require(ok, cfg, "lora.target_modules", 'must be "all-linear" or a non-empty list of module names (e.g. [q_proj, v_proj])')
+    _require(all(isinstance(x, str) and x for x in lo.modules_to_save), cfg, "lora.modules_to_save",
+             "must be a list of module names (e.g. [embed_tokens, lm_head])")
+    if cfg.model.name_or_path is None:
+        raise ConfigError(f"{cfg.where('lora.enabled')}: lora.enabled=true needs a pretrained base in model.name_or_path "
+                          "(a model built from model.config has random weights that final/ would not hold)")
