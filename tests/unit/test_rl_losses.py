@@ -1,0 +1,89 @@
+"""RL loss functions (llmtrain/losses/rl.py) against hand computations (each expected value is
+derived in a comment), and the keyed rollout sampler's batch invariance."""
+import math
+
+import torch
+
+from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
+                                policy_loss_sum, rloo_advantages, token_entropy, value_loss_sum)
+
+
+def close(a, b, tol=1e-6):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert torch.allclose(a, b, atol=tol), (a, b)
+
+
+R = torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.], [0., 0., 0., 1.]])  # rewards (prompts, samples)
+
+
+def test_group_advantages_on_a_reward_table():
+    # GRPO: group 0 mean .5, unbiased std sqrt(4 x .25 / 3) = .57735 -> +-.5 / (.57735 + 1e-4);
+    # group 1 constant -> 0; group 2 mean .25, std sqrt((3 x .0625 + .5625) / 3) = .5 -> -.25/.5001, .75/.5001
+    s0 = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    close(grpo_advantages(R), [[s0, -s0, -s0, s0], [0] * 4, [-.25 / .5001] * 3 + [.75 / .5001]])
+    close(grpo_advantages(R, scale_std=False), [[.5, -.5, -.5, .5], [0] * 4, [-.25] * 3 + [.75]])  # Dr. GRPO
+    # RLOO: r=1 in group 0: the others' mean (0+0+1)/3 -> 1 - 1/3 = 2/3; r=0: 0 - 2/3; group 2: r=1: 1 - 0; r=0: 0 - 1/3
+    close(rloo_advantages(R), [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0] * 4, [-1 / 3] * 3 + [1]])
+
+
+def test_clipped_surrogate_first_inner_step_and_asymmetric_clip():
+    # first inner step (logp == old): ratio 1, nothing clipped, loss -sum A, d loss / d logp = -A (REINFORCE)
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    loss, m = policy_loss_sum(logp, logp.detach(), torch.tensor([0.7]), torch.tensor([[1, 1, 0]]), 0.2, 0.28)
+    loss.backward()
+    close(loss, -1.4)
+    close(logp.grad, [[-0.7, -0.7, 0.0]])
+    assert int(m["clipped_tokens"]) == 0 and float(m["ratio_sum"]) == 2.0
+    # ratio 1.5, A=+1 -> clipped at 1 + .28: loss -1.28, no gradient; ratio .5, A=-1 -> min(-.5, -.8) = -.8
+    # (clipped at 1 - .2), no gradient; ratio 1.5, A=-1 -> min(-1.5, -1.28) = -1.5: not clipped, gradient 1.5
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.5]])).requires_grad_(True)
+    loss, m = policy_loss_sum(lp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, -1.0]]), torch.ones(1, 3), 0.2, 0.28)
+    loss.backward()
+    close(loss, -1.28 + 0.8 + 1.5)
+    close(lp.grad, [[0.0, 0.0, 1.5]])
+    assert int(m["clipped_tokens"]) == 2
+
+
+def test_kl_estimators():
+    x = torch.tensor([[-1.0, -2.0]])
+    close(kl_k3(x, x, torch.ones(1, 2)), 0.0)  # policy == reference
+    close(kl_k1_tokens(x, x), [[0.0, 0.0]])
+    close(kl_k3_tokens(torch.tensor([-1.1]), torch.tensor([-1.0])), [math.exp(0.1) - 0.1 - 1])  # d = .1
+    close(kl_k1_tokens(torch.tensor([-1.1]), torch.tensor([-1.0])), [-0.1])
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])  # E_pi[k] = KL(pi || ref), exactly
+    close((p * kl_k3_tokens(p.log(), q.log())).sum(), (p * (p / q).log()).sum())
+    close((p * kl_k1_tokens(p.log(), q.log())).sum(), (p * (p / q).log()).sum())
+
+
+def test_gae_token_rewards_value_loss_entropy():
+    # rewards [0,0,1], V [.5,.6,.7], gamma 1, lam .95: d2 = 1 - .7 = .3; d1 = .7 - .6 = .1 -> A1 = .1 + .95 x .3
+    # = .385; d0 = .6 - .5 = .1 -> A0 = .1 + .95 x .385 = .46575; R = A + V; the masked 4th position is skipped
+    adv, ret = gae(torch.tensor([[0., 0., 1., 0.]]), torch.tensor([[.5, .6, .7, 9.]]), torch.tensor([[1, 1, 1, 0]]),
+                   1.0, .95)
+    close(adv, [[.46575, .385, .3, 0]])
+    close(ret, [[.96575, .985, 1.0, 0]])
+    r = outcome_token_rewards(torch.tensor([2.0]), torch.tensor([[1, 1, 1, 0]]), torch.tensor([[.1, .2, .3, .4]]), 0.5)
+    close(r, [[-.05, -.1, 2 - .15, 0]])  # score at the last token, minus .5 x k1 per token
+    # V=1, V_old=.5, R=1.2, c=.2 -> clipped V = .7; .5 x max((1 - 1.2)^2, (.7 - 1.2)^2) = .5 x .25 = .125
+    close(value_loss_sum(torch.tensor([[1.0]]), torch.tensor([[.5]]), torch.tensor([[1.2]]), torch.ones(1, 1), .2), .125)
+    close(token_entropy(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4 tokens
+
+
+def test_keyed_sampler_is_batch_invariant(tiny_model_dir):
+    """Same keys, prompts reordered and split into other batches: the same completions (HF's multinomial
+    draws from the global RNG and is not)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.objectives.rl.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + i, 17, 40 + 2 * i][: 1 + i % 3] for i in range(6)]
+    keys = [(0, i, 0) for i in range(6)]
+    kw = dict(seed=3, temperature=1.0, top_p=0.9, max_new_tokens=5, stop_ids=[0], pad_id=0, synced_gpus=False,
+              device="cpu")
+    whole = generate(model, prompts, keys=keys, batch_size=6, **kw)
+    order = [4, 1, 5, 0, 3, 2]
+    split = generate(model, [prompts[i] for i in order], keys=[keys[i] for i in order], batch_size=4, **kw)
+    assert [split[order.index(i)] for i in range(6)] == whole
+    greedy = generate(model, prompts, keys=None, batch_size=6, **kw)
+    assert greedy != whole  # sampling at T=1 on a random model does differ from greedy
