@@ -87,3 +87,48 @@ def test_keyed_sampler_is_batch_invariant(tiny_model_dir):
     assert [split[order.index(i)] for i in range(6)] == whole
     greedy = generate(model, prompts, keys=None, batch_size=6, **kw)
     assert greedy != whole  # sampling at T=1 on a random model does differ from greedy
+
+
+def test_batch_shape_rewards_and_prompt_rows(tmp_path):
+    import json
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZER
+    from llmtrain.config import DataConfig, RLConfig, TrainConfig
+    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.errors import ConfigError
+    from llmtrain.objectives.rl.prompts import load_prompts
+    from llmtrain.objectives.rl.rewards import exact_match, load_reward_fns, score
+    from llmtrain.objectives.rl.rollout import check_batch_shape
+
+    r = RLConfig(prompts_per_step=8, num_generations=4, mini_batches=2)
+    assert check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=2), 2) == 8  # 8 x 4 / (2 x 2)
+    with pytest.raises(ConfigError, match="micro_batch_size x train.grad_accum = 8"):
+        check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=1), 2)
+    with pytest.raises(ConfigError, match="multiple of rl.mini_batches x world size"):
+        check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=2), 3)
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_reward_fns(["llmtrain.objectives.rl.rewards:nope"], [], lambda k: k)
+    fns = load_reward_fns(["llmtrain.objectives.rl.rewards:exact_match"] * 2, [1.0, 0.5], lambda k: k)
+    total, per_fn = score(fns, [[], []], [" 12 ", "3"], {"answer": ["12", "4"]})
+    assert total == [1.5, 0.0] and per_fn["exact_match"] == [1.0, 0.0]
+    assert exact_match(None, ["7"], [7]) == [1.0]
+
+    rows = [{"messages": [{"role": "user", "content": "Reverse 12"}], "answer": "21"},
+            {"instruction": "Reverse the digits.", "input": "345", "output": "543", "answer": "543"},
+            {"prompt": "Reverse 9" * 80, "answer": "x"},  # too long: a counted bad row
+            {"prompt": "Reverse 67", "answer": "76", "level": 2}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n{bad json\n")
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    ensure_chat_template(tok)
+    d = DataConfig(train=[str(path)], max_prompt_len=40, max_bad_fraction=0.5)
+    ps = load_prompts(d, "data.train", tok)
+    assert [m[-1]["content"] for m in ps.messages] == ["Reverse 12", "Reverse the digits.\n\n345", "Reverse 67"]
+    assert ps.columns["answer"] == ["21", "543", "76"] and ps.columns["level"] == [None, None, 2]
+    assert all(t == tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False).input_ids for t, m in zip(ps.token_ids, ps.messages))
+    with pytest.raises(Exception, match="above data.max_bad_fraction"):
+        load_prompts(DataConfig(train=[str(path)], max_prompt_len=40), "data.train", tok)

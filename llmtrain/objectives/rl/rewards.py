@@ -45,12 +45,12 @@ def load_reward_fns(names: list, weights: list, where) -> list[RewardFn]:
 
 def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: dict) -> tuple[list[float], dict]:
     """(weighted total per completion, {name: per-completion rewards}); a non-finite or missing value
-    is an error naming the function (a silent 0 would train on it)."""
+    is one error line naming the function (a silent 0 would train on it)."""
     per_fn, total = {}, [0.0] * len(completions)
     for r in fns:
         values = list(r.fn(prompts=prompts, completions=completions, **columns))
         if len(values) != len(completions) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError(f"reward function {r.name} returned {len(values)} values for {len(completions)} "
+            raise ConfigError(f"rl.reward_fns: {r.name} returned {len(values)} values for {len(completions)} "
                              "completions (or a non-finite one); it must return one float per completion")
         per_fn[r.name] = [float(v) for v in values]
         total = [t + r.weight * v for t, v in zip(total, per_fn[r.name])]
