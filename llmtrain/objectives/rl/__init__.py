@@ -25,7 +25,7 @@ from ..dpo import disable_dropout
 from ..lm_forward import lm_forward_logps, model_inputs
 from . import generation
 from .prompts import load_prompts
-from .rewards import load_reward_fns, score
+from .rewards import RewardFn, RewardModelFn, load_reward_fns, score
 from .rollout import RolloutData
 
 
@@ -47,15 +47,15 @@ class RL(Objective):
         if r.generation_backend == "vllm":
             raise ConfigError(f"{r.where('rl.generation_backend')}: rl.generation_backend=vllm is not available in "
                               "this build; use hf")
-        if r.reward_model is not None:
-            raise ConfigError(f"{r.where('rl.reward_model')}: rl.reward_model is not supported yet; use rl.reward_fns")
-        if not r.reward_fns:
+        if not r.reward_fns and r.reward_model is None:
             raise ConfigError(f"{r.where('rl.reward_fns')}: rl.reward_fns is empty; name at least one reward function "
-                              "(e.g. llmtrain.objectives.rl.rewards:exact_match)")
+                              "(e.g. llmtrain.objectives.rl.rewards:exact_match) or set rl.reward_model")
         return cls(r, chunk_tokens=cfg.train.loss_chunk_tokens)
 
     def build_data(self, ctx: DataContext) -> RolloutData:
         fns = load_reward_fns(self.r.reward_fns, self.r.reward_weights, self.r.where)
+        if self.r.reward_model is not None:
+            fns.append(RewardFn("reward_model", RewardModelFn(self.r.reward_model, ctx.info.device), 1.0))
         prompts = load_prompts(ctx.data, "data.train", ctx.tokenizer)
         evals = load_prompts(ctx.data, "data.eval", ctx.tokenizer) if ctx.data.eval else None
         self.data = RolloutData(self.r, ctx.train, prompts, evals, ctx.tokenizer, ctx.info, fns,

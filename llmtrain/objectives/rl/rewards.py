@@ -55,3 +55,23 @@ def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: d
         per_fn[r.name] = [float(v) for v in values]
         total = [t + r.weight * v for t, v in zip(total, per_fn[r.name])]
     return total, per_fn
+
+
+class RewardModelFn:
+    """rl.reward_model as a reward function: each (prompt, completion) re-encoded as a conversation by
+    the chat path the reward model was trained on, scored by its head at the last token
+    (tools/score.RewardScorer, from the reward-model task). The model is a full (unsharded) copy on
+    each rank, in eval mode: fine for a reward model that fits one device next to the policy."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, device):
+        try:
+            from ...tools.score import RewardScorer
+        except ImportError:
+            raise ConfigError("rl.reward_model needs the reward-model task (llmtrain.tools.score), not in this build") from None
+        self.scorer = RewardScorer.load(path, device=device)
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        conversations = [list(p) + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+        return self.scorer.score_conversations(conversations).tolist()
