@@ -147,6 +147,13 @@ class DPOConfig(Section):
 
 
 @dataclass
+class RewardConfig(Section):
+    # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+    center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
+    zero_head: bool = True  # start the score head at 0: every reward 0, first loss ln 2 (false: HF's normal init)
+
+
+@dataclass
 class LoraConfig(Section):
     enabled: bool = False  # train LoRA adapters on a frozen base (any task); only adapter params get optimizer state
     r: int = 16  # adapter rank: trainable params per adapted matrix = r x (in + out features)
@@ -172,6 +179,7 @@ class Config(Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # one-line notices about values adjusted while loading (printed once by rank 0 at startup)
     notices: list = field(default_factory=list, repr=False, compare=False)
