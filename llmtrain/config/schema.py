@@ -150,6 +150,8 @@ class DPOConfig(Section):
 class RewardConfig(Section):
     # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
     center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
+    # per-pair margin m (Llama 2): the column of each preference row holding it (e.g. margin); absent: m = 0
+    margin_column: Optional[str] = None
     zero_head: bool = True  # start the score head at 0: every reward 0, first loss ln 2 (false: HF's normal init)
 
 

@@ -88,7 +88,7 @@ def pair_rewards(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Reward(Objective):
-    """L = (1 / P_global) * sum over the step's pairs of -log sigmoid(r_c - r_r) [+ center_coef (r_c + r_r)^2]."""
+    """L = (1 / P_global) * sum over the step's pairs of -log sigmoid(r_c - r_r - m) [+ center_coef (r_c + r_r)^2]."""
 
     name = "reward"
     summary = "reward model: a scalar head on a causal LM, Bradley-Terry loss on preference pairs"
@@ -104,11 +104,12 @@ class Reward(Objective):
     def build_data(self, ctx: DataContext) -> SequenceData:
         _check_prompt_budget(ctx)
         # DPO's prepared pairs (same cache entry); one unit = one pair: the loss is a mean over pairs
-        return sequence_data(ctx, "dpo", unit_weights=lambda samples: np.ones(len(samples), dtype=np.int64))
+        return sequence_data(ctx, "dpo", unit_weights=lambda samples: np.ones(len(samples), dtype=np.int64),
+                             value_column=self.r.margin_column)
 
     def prepare_data(self, ctx: DataContext, opts: PrepareOptions) -> None:
         _check_prompt_budget(ctx)
-        prepare_splits(ctx, "dpo", opts.workers)
+        prepare_splits(ctx, "dpo", opts.workers, value_column=self.r.margin_column)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         if self.r.zero_head:
@@ -118,7 +119,9 @@ class Reward(Objective):
 
     def loss(self, engine, batch: dict, global_weight: int):
         r_c, r_r = pair_rewards(engine, batch)
-        loss_sum, means = bradley_terry_loss(r_c, r_r, center_coef=self.r.center_coef, reduction="sum")
+        margin = batch.get("unit_values")  # (P,) per-pair margins (reward.margin_column), else None
+        loss_sum, means = bradley_terry_loss(r_c, r_r, margin=margin, center_coef=self.r.center_coef,
+                                             reduction="sum")
         pairs = r_c.shape[0]  # 0 in the padding batch of a rank with fewer eval rows (it still ran its forward)
         # means -> sums over pairs (a mean over no pairs is NaN: an empty batch contributes 0)
         sums = {k: v * pairs if pairs else torch.zeros_like(v) for k, v in means.items()}

@@ -9,7 +9,6 @@ import math
 import os
 
 import pytest
-
 from conftest import BIN, REPO, free_port, python_cmd, read_metrics, run_cmd, write_recipe
 
 DPO_TRAIN = os.path.join(REPO, "data/demo/dpo_train.jsonl")

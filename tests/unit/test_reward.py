@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import REPO, TINY, TOKENIZER
+
 from llmtrain.data.batching import collate_sequences
 from llmtrain.data.preference import encode_pair
 from llmtrain.losses import bradley_terry_loss, last_token_values
@@ -143,3 +143,56 @@ def test_zero_head_makes_every_reward_zero_so_the_first_loss_is_ln2():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     loss.backward()
     assert model.score.weight.grad.abs().sum() > 0  # the head still learns from the first step
+
+
+def test_margin_column_reaches_each_pair_and_its_loss_and_bad_margins_are_bad_rows(tmp_path):
+    """reward.margin_column: each row's margin travels with its pair through preparation (chunks, shuffled
+    packed batches) into the loss; with a zero head the loss is then mean log(1 + e^m) over the batch's pairs.
+    A row whose margin is missing or not a number is a bad row."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import Config
+    from llmtrain.data.protocol import DataContext
+    from llmtrain.data.tokenizer_id import tokenizer_hash
+    from llmtrain.objectives import Reward
+
+    rows = [json.loads(line) for line in open(DPO_TRAIN)][:24]
+    margins = {}
+    for i, r in enumerate(rows):
+        r["margin"] = 0.25 * (i % 7)
+        chosen = r["chosen"] if isinstance(r["chosen"], str) else r["chosen"][-1]["content"]
+        margins[chosen] = r["margin"]
+    bad = [dict(rows[0], margin="high"), {k: v for k, v in rows[1].items() if k != "margin"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + bad))
+    cfg = Config()
+    cfg.data.train, cfg.data.max_seq_len, cfg.data.max_prompt_len = [str(path)], 64, 48
+    cfg.data.packing, cfg.data.max_bad_fraction, cfg.data.prepare_workers = True, 0.2, 1
+    cfg.train.micro_batch_size, cfg.reward.margin_column = 4, "margin"
+    model, tok = tiny_reward_model()
+    info = SimpleNamespace(rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    task = Reward.from_config(cfg)
+    data = task.build_data(DataContext(cfg.data, cfg.train, info, tok, tokenizer_hash(tok), str(tmp_path / "out")))
+    bad_rows = [json.loads(line) for line in open(tmp_path / "out" / "bad_rows_train.jsonl")]
+    assert [b["origin"] for b in bad_rows] == [f"{path}:25", f"{path}:26"]
+    assert all("'margin' must be a finite number" in b["reason"] for b in bad_rows)
+    task.prepare_model(model)  # zero head: every reward 0, the loss is the margins' alone
+    (batch,) = data.batches(data.next_step())
+    flat = [s for row in range(batch["input_ids"].shape[0]) for s in _sequences_of_row(batch, row)]
+    chosen_texts = [tok.decode(ids[labels != -100][:-1]).strip() for ids, labels in flat[0::2]]
+    expected = torch.tensor([margins[t] for t in chosen_texts])
+    torch.testing.assert_close(batch["unit_values"], expected)
+    with torch.no_grad():
+        loss, _ = task.loss(model, batch, global_weight=len(expected))
+    assert loss.item() == pytest.approx(torch.log1p(torch.exp(expected)).mean().item(), rel=1e-6)
+    assert len(set(expected.tolist())) > 1
+
+
+def _sequences_of_row(batch, row):
+    """(ids, labels) numpy arrays of every sequence in one collated row, in order."""
+    seq = batch["seq_index"][row]
+    out = []
+    for k in sorted(set(seq.tolist()) - {-1}):
+        keep = seq == k
+        out.append((batch["input_ids"][row][keep].numpy(), batch["labels"][row][keep].numpy()))
+    return out
