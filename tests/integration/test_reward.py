@@ -106,6 +106,17 @@ def test_final_is_a_sequence_classification_dir_that_scores_the_eval_file_to_the
     assert summary["accuracy"] == pytest.approx(last_eval["eval_reward_accuracy"])
     assert sum(r["chosen"] for r in rows) / EVAL_PAIRS == pytest.approx(last_eval["eval_chosen_reward"], abs=1e-5)
     assert sum(r["rejected"] for r in rows) / EVAL_PAIRS == pytest.approx(last_eval["eval_rejected_reward"], abs=1e-5)
+    # a conversation file: each chosen conversation alone gets its pair's chosen reward
+    from llmtrain.data.preference import to_pair
+
+    convs = os.path.join(one_rank["tmp"], "convs.jsonl")
+    with open(convs, "w") as f:
+        for line in open(data_files["eval"]).read().splitlines()[:2]:
+            f.write(json.dumps({"messages": to_pair(json.loads(line))[0]}) + "\n")
+    out2 = os.path.join(one_rank["tmp"], "conv_scores.jsonl")
+    assert run("score", [final, "--data", convs, "--max-seq-len", "64", "--json", out2, "--quiet"]) == 0
+    singles = [json.loads(line)["reward"] for line in open(out2)]
+    assert singles == pytest.approx([r["chosen"] for r in rows[:2]], abs=1e-5)
 
 
 @pytest.mark.multiproc
