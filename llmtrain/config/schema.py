@@ -170,6 +170,12 @@ class RLConfig(Section):
     generation_backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate on the engine; vllm: (GPU) vLLM engine
     zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
     generation_batch_size: int = 64  # sequences per generate call on each rank
+class RewardConfig(Section):
+    # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+    center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
+    # per-pair margin m (Llama 2): the column of each preference row holding it (e.g. margin); absent: m = 0
+    margin_column: Optional[str] = None
+    zero_head: bool = True  # start the score head at 0: every reward 0, first loss ln 2 (false: HF's normal init)
 
 
 @dataclass
@@ -199,6 +205,7 @@ class Config(Section):
     dist: DistConfig = field(default_factory=DistConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # one-line notices about values adjusted while loading (printed once by rank 0 at startup)
     notices: list = field(default_factory=list, repr=False, compare=False)

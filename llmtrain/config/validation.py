@@ -54,6 +54,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
     _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")
+    _require(cfg.reward.center_coef >= 0, cfg, "reward.center_coef", "must be >= 0 (0 = no centering)")
     _validate_lora(cfg)
     _validate_rl(cfg)
     m = cfg.model

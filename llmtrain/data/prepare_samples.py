@@ -293,6 +293,7 @@ class _Preparer:
         manifest = {
             "format": "llmtrain.samples", "version": FORMAT_VERSION, "kind": self.req.spec.kind,
             "seqs_per_unit": self.req.spec.seqs_per_unit, "dtype": self.dtype,
+            "unit_values": self.req.spec.value_column is not None,
             "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
             "num_seqs": sum(s["num_seqs"] for s in sides), "num_tokens": sum(s["num_tokens"] for s in sides),
             "rows": rep.total, "bad_rows": len(rep.bad), "dropped_too_long": rep.dropped_too_long,

@@ -17,6 +17,8 @@ Layout of a prepared directory (each chunk = one row range of one source, see so
                           fits, else uint32), native little-endian
     <c>.mask              uint8, 1 where the token is a loss target (labels = ids there, else -100)
     <c>.seqs.npy          int32 (sequences, 2): length, trained tokens (first position excluded)
+    <c>.values.npy        float32 (units,): a per-unit number read from a column (the reward
+                          model's per-pair margin), only when the manifest says "unit_values"
     <c>.json              sidecar: counts, bad rows with file:line, sha256; written last, so its
                           presence marks the chunk finished
 The fingerprint (a hash of the chunks' sha256s) is computed once, at preparation, and stored.
@@ -66,6 +68,10 @@ class _Samples:
 
     def subset(self, units: np.ndarray, tag: str) -> "SampleView":
         return SampleView(self, units, tag)
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        """(units,) float32 per-unit values (EncodeSpec.value_column), or None when the data has none."""
+        return None
 
 
 @dataclass
@@ -140,6 +146,10 @@ class SampleView(_Samples):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def unit_values(self) -> Optional[np.ndarray]:
+        values = self.base.unit_values()
+        return None if values is None else values[self.units]
+
 
 # --------------------------------------------------------------------------- writing one chunk
 
@@ -163,7 +173,7 @@ class ChunkWriter:
     def __init__(self, directory: str, name: str, dtype: np.dtype):
         self.dir, self.name, self.dtype = directory, name, np.dtype(dtype)
         self._limit = np.iinfo(self.dtype).max
-        suffix = _tmp_suffix()
+        suffix = self._suffix = _tmp_suffix()
         self._tmp = {ext: os.path.join(directory, f".{name}{ext}{suffix}") for ext in (".ids", ".mask", ".seqs.npy")}
         self._ids = open(self._tmp[".ids"], "wb")
         self._mask = open(self._tmp[".mask"], "wb")
@@ -171,6 +181,7 @@ class ChunkWriter:
         self._content = 0  # of the sequences, foldable across chunks: the data's identity (see data_fingerprint)
         self._lengths: list[int] = []
         self._targets: list[int] = []
+        self._values: list[float] = []  # one per unit, when the spec reads a value column
 
     def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
         trained = labels != IGNORE_INDEX
@@ -188,10 +199,19 @@ class ChunkWriter:
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 
+    def add_unit_value(self, value: float) -> None:
+        self._values.append(value)
+
     def finish(self, meta: dict) -> dict:
         """Close, rename into place, write the sidecar (last); return the sidecar."""
         self._ids.close()
         self._mask.close()
+        if self._values:
+            self._tmp[".values.npy"] = os.path.join(self.dir, f".{self.name}.values.npy{self._suffix}")
+            values = np.asarray(self._values, dtype=np.float32)
+            with open(self._tmp[".values.npy"], "wb") as f:
+                np.save(f, values)
+            self._sha.update(values.tobytes())
         seqs = np.array([self._lengths, self._targets], dtype=np.int32).T.reshape(-1, 2)  # (seqs, 2)
         with open(self._tmp[".seqs.npy"], "wb") as f:  # a file object: np.save(path) would append ".npy"
             np.save(f, seqs)
@@ -199,6 +219,7 @@ class ChunkWriter:
         for ext, tmp in self._tmp.items():
             os.replace(tmp, os.path.join(self.dir, self.name + ext))
         side = {"name": self.name, "num_seqs": len(self._lengths), "num_tokens": int(sum(self._lengths)),
+                "num_values": len(self._values),
                 "sha256": self._sha.hexdigest(), "content": self._content, **meta}
         write_json_atomic(os.path.join(self.dir, self.name + ".json"), side)
         return side
@@ -219,7 +240,8 @@ def chunk_done(directory: str, name: str, dtype: np.dtype) -> Optional[dict]:
         n_tok = side["num_tokens"]
         ok = (os.path.getsize(os.path.join(directory, name + ".ids")) == n_tok * np.dtype(dtype).itemsize
               and os.path.getsize(os.path.join(directory, name + ".mask")) == n_tok
-              and os.path.isfile(os.path.join(directory, name + ".seqs.npy")))
+              and os.path.isfile(os.path.join(directory, name + ".seqs.npy"))
+              and (not side.get("num_values") or os.path.isfile(os.path.join(directory, name + ".values.npy"))))
         return side if ok else None
     except (OSError, ValueError, KeyError):
         return None
@@ -286,6 +308,22 @@ class SampleStore(_Samples):
         # eval_fraction view reads this same store: the LRU must not close an fd another thread uses
         self._lock = threading.Lock()
         self._unit_lengths = None
+        self._values = self._load_values(m) if m.get("unit_values") else None
+
+    def _load_values(self, m: dict) -> np.ndarray:
+        parts = []
+        for c in m["chunks"]:
+            path = os.path.join(self.dir, c["name"] + ".values.npy")
+            units = c["num_seqs"] // self.seqs_per_unit
+            values = np.load(path, allow_pickle=False) if units else np.zeros(0, np.float32)
+            if values.shape != (units,):
+                raise SampleStoreError(f"{path} holds {values.shape} values for {units} units; delete {self.dir} "
+                                       "to prepare again")
+            parts.append(values)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        return self._values
 
     def _load_seqs(self, c: dict) -> np.ndarray:
         base = os.path.join(self.dir, c["name"])
