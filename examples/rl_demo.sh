@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-SFT_STEPS=${SFT_STEPS:-400}
+SFT_STEPS=${SFT_STEPS:-600}
 start=$(date +%s)
 echo "== SFT ($SFT_STEPS steps) =="
 python launch/sft.py --recipe recipes/debug/sft.yaml output_dir=runs/debug-sft-rl train.max_steps="$SFT_STEPS" \

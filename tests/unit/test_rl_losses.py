@@ -132,3 +132,27 @@ def test_batch_shape_rewards_and_prompt_rows(tmp_path):
                         add_special_tokens=False).input_ids for t, m in zip(ps.token_ids, ps.messages))
     with pytest.raises(Exception, match="above data.max_bad_fraction"):
         load_prompts(DataConfig(train=[str(path)], max_prompt_len=40), "data.train", tok)
+
+
+def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_model_dir):
+    """rl.reward_model: each (prompt, completion) re-encoded as a conversation (the reward task's chat
+    path) and scored by a plain forward of the sequence-classification model at its last token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmtrain.data.chat import ensure_chat_template, tokenize_chat
+    from llmtrain.objectives.rl.rewards import RewardModelFn
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fn = RewardModelFn(str(tmp_path / "rm"), "cpu")
+    prompts = [[{"role": "user", "content": "Reverse 12"}], [{"role": "user", "content": "Reverse 345"}]]
+    got = fn(prompts=prompts, completions=["21", "5 4 3 and more"])
+    ensure_chat_template(tok)
+    rm.eval()
+    for p, c, g in zip(prompts, ["21", "5 4 3 and more"], got):
+        ids, _ = tokenize_chat(tok, p + [{"role": "assistant", "content": c}])
+        want = rm(input_ids=torch.tensor([ids.astype("int64")])).logits[0, 0].item()
+        assert abs(g - want) < 1e-5
