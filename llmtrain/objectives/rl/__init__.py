@@ -33,7 +33,7 @@ class RL(Objective):
     """GRPO / RLOO on rollouts of the policy (rl.advantage), with rewards from rl.reward_fns."""
 
     name = "rl"
-    summary = "online RL from the policy's own rollouts: GRPO, Dr. GRPO, RLOO (rewards: Python verifiers)"
+    summary = "online RL from the policy's own rollouts: GRPO, Dr. GRPO, RLOO (rewards: Python verifiers, a reward model)"
 
     def __init__(self, r: RLConfig, chunk_tokens: int = 0):
         self.r, self.chunk_tokens = r, chunk_tokens
