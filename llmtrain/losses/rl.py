@@ -136,6 +136,18 @@ def value_loss_sum(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at every position, H = -sum_v p_v log p_v: (B, T, V) -> (B, T) fp32."""
+    """Entropy of the next-token distribution at every position, H = -sum_v p_v log p_v: (..., V) -> (...) fp32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def masked_entropy_sum(logits: torch.Tensor, mask: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """sum over mask of token_entropy, (B, T, V) x (B, T) -> scalar fp32, a metric only (no gradient).
+    Computed on the masked positions chunk_rows at a time: the fp32 softmax of a chunk is the only
+    extra memory (chunk_rows x V x 4 bytes), never a second (B, T, V) copy."""
+    rows = logits[mask.bool()]  # (N, V): completion positions only
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for a in range(0, rows.shape[0], chunk_rows):
+        total += token_entropy(rows[a: a + chunk_rows]).sum()
+    return total

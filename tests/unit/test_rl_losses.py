@@ -5,7 +5,8 @@ import math
 import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
-                                policy_loss_sum, rloo_advantages, token_entropy, value_loss_sum)
+                                masked_entropy_sum, policy_loss_sum, rloo_advantages, token_entropy,
+                                value_loss_sum)
 
 
 def close(a, b, tol=1e-6):
@@ -67,6 +68,8 @@ def test_gae_token_rewards_value_loss_entropy():
     # V=1, V_old=.5, R=1.2, c=.2 -> clipped V = .7; .5 x max((1 - 1.2)^2, (.7 - 1.2)^2) = .5 x .25 = .125
     close(value_loss_sum(torch.tensor([[1.0]]), torch.tensor([[.5]]), torch.tensor([[1.2]]), torch.ones(1, 1), .2), .125)
     close(token_entropy(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4 tokens
+    logits, mask = torch.randn(2, 5, 7), torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]])
+    close(masked_entropy_sum(logits, mask, chunk_rows=2), (token_entropy(logits) * mask).sum(), 1e-5)
 
 
 def test_keyed_sampler_is_batch_invariant(tiny_model_dir):

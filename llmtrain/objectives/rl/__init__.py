@@ -17,7 +17,7 @@ from ...data.protocol import DataContext, EvalSet
 from ...data.shards.recipe import PrepareOptions
 from ...errors import ConfigError
 from ...losses import shift_labels, token_logps_from_logits
-from ...losses.rl import kl_k1_tokens, kl_k3_tokens, policy_loss_sum, token_entropy
+from ...losses.rl import kl_k1_tokens, kl_k3_tokens, masked_entropy_sum, policy_loss_sum
 from ...tools.generate import stop_token_ids
 from .. import reference
 from ..base import Objective, RunContext
@@ -85,17 +85,14 @@ class RL(Objective):
         self.stage, self.engine = stage, run.engine
 
     def _logps(self, engine, batch: dict, with_entropy: bool = False):
-        """(target log-probs (B, T), entropy (B, T) or None, targets). Entropy needs the logits: the
-        unchunked head (train.loss_chunk_tokens=0) only."""
+        """(target log-probs (B, T), summed entropy over the targets or None, targets). Entropy needs the
+        logits: the unchunked head (train.loss_chunk_tokens=0) only."""
         if self.chunk_tokens > 0:
             logps, targets = lm_forward_logps(engine, batch, self.chunk_tokens)
             return logps, None, targets
         targets = shift_labels(batch["labels"])
         logits = engine(**model_inputs(engine, batch)).logits
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = token_entropy(logits)
+        entropy = masked_entropy_sum(logits, targets != IGNORE_INDEX) if with_entropy else None
         return token_logps_from_logits(logits, targets), entropy, targets
 
     def _ref_frozen(self, batch):
@@ -115,7 +112,7 @@ class RL(Objective):
         sums = {"policy_loss": loss_sum.detach(), "clip_frac": m["clipped_tokens"].double(),
                 "ratio": m["ratio_sum"].double()}
         if entropy is not None:
-            sums["entropy"] = torch.where(mask, entropy, zero).sum()
+            sums["entropy"] = entropy
         if "ref_logp" in batch:
             kl_tokens = kl_k3_tokens(logps, batch["ref_logp"]) if r.kl_type == "k3" else \
                 kl_k1_tokens(logps, batch["ref_logp"])
