@@ -170,6 +170,9 @@ class RLConfig(Section):
     generation_backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate on the engine; vllm: (GPU) vLLM engine
     zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
     generation_batch_size: int = 64  # sequences per generate call on each rank
+
+
+@dataclass
 class RewardConfig(Section):
     # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
     center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
