@@ -26,8 +26,7 @@ def rl_recipe(tmp_path, model_dir, out, ds_config, **train):
     return {
         "output_dir": str(out),
         "model": {"name_or_path": model_dir},
-        "data": {"train": [os.path.join(REPO, "data/demo/rl_train.jsonl")],
-                 "eval": [os.path.join(REPO, "data/demo/sft_eval.jsonl")]},
+        "data": {"train": [os.path.join(REPO, "data/demo/rl_train.jsonl")], "eval": [str(tmp_path / "eval7.jsonl")]},
         "train": {"max_steps": 8, "seed": 3, "micro_batch_size": 1, "lr": 2e-3, "warmup_steps": 0,
                   "schedule": "constant", "log_every": 1, "save_every": 4, **train},
         "rl": {"num_generations": 2, "prompts_per_step": 4, "max_new_tokens": 6, "ppo_epochs": 2, "mini_batches": 2,
@@ -56,11 +55,14 @@ def steps(out):
 def runs(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rl")
     (tmp / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:  # 7 eval prompts: 4 + 3 on two ranks
+        (tmp / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
     z3 = tmp / "zero3.json"
     z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     one = rl_recipe(tmp, tiny_model_dir, tmp / "one", os.path.join(REPO, "ds_configs/zero0.json"), grad_accum=4)
     run_rl(tmp, one, "one.yaml")
     two = rl_recipe(tmp, tiny_model_dir, tmp / "two", str(z3), grad_accum=2, max_steps=4)
+    two["rl"]["zero3_gather"] = False  # the hooks path (synced_gpus; eval pads the rank with fewer prompts)
     first = run_rl(tmp, two, "two_a.yaml", ranks=2)
     rows_before = steps(two["output_dir"])
     resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 8}}, "two_b.yaml", ranks=2)
@@ -82,6 +84,8 @@ def test_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(runs):
         for key in ("reward", "reward_std", "reward_digits", "reward_length", "completion_len", "zero_var_groups"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
     assert len({r["reward"] for _, r in rollouts}) == 2 and one[0]["reward_std"] > 0  # a real signal
+    ev1, ev2 = ([r for r in read_metrics(runs[k]) if "eval_reward" in r][-1] for k in ("one", "two"))
+    assert ev1 == pytest.approx(ev2, abs=1e-9)  # greedy eval of 7 prompts on 1 rank == 4 + 3 on 2 ranks
     w1 = load_file(os.path.join(runs["one"], "final", "model.safetensors"))
     w2 = load_file(os.path.join(runs["two"], "final", "model.safetensors"))
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
