@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import BIN, REPO, python_cmd, read_metrics, run_cmd, write_recipe, free_port
