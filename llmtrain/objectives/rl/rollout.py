@@ -115,7 +115,7 @@ class RolloutData:
     def load_state_dict(self, state: dict) -> None:
         if state.get("prompts_per_step", self.r.prompts_per_step) != self.r.prompts_per_step:
             dist.print0(f"resume: rl.prompts_per_step {state['prompts_per_step']} -> {self.r.prompts_per_step}: "
-                        "the prompt stream continues at the same position")
+                        f"the prompt stream continues at position {int(state['rollouts_done'])} x {self.r.prompts_per_step}")
         self.rollouts_done = int(state["rollouts_done"])
         self.step_in_rollout = int(state["step_in_rollout"])
         self.buffer = None
