@@ -30,6 +30,7 @@ SFT_TRAIN_ROWS = 10000
 SFT_EVAL_ROWS = 200
 DPO_TRAIN_ROWS = 2000
 DPO_EVAL_ROWS = 200
+RL_TRAIN_ROWS = 2000
 PRETRAIN_SHARDS = 3
 PRETRAIN_DOCS_PER_SHARD = 1500  # ~0.4 MB of text per shard
 PRETRAIN_EVAL_DOCS = 200
@@ -65,6 +66,7 @@ def main() -> None:
     synth.write_jsonl(synth.sft_reverse(SFT_TRAIN_ROWS, seed=SEED), os.path.join(demo, "sft_train.jsonl"))
     synth.write_jsonl(synth.sft_reverse(SFT_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "sft_eval.jsonl"))
     synth.write_jsonl(synth.dpo_reverse_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
+    synth.write_jsonl(synth.rl_reverse_prompts(RL_TRAIN_ROWS, seed=SEED), os.path.join(demo, "rl_train.jsonl"))
     synth.write_jsonl(synth.dpo_reverse_pairs(DPO_EVAL_ROWS, seed=SEED, split="eval"),
                       os.path.join(demo, "dpo_eval.jsonl"))
 

@@ -1,4 +1,4 @@
-"""`llmtrain sft|dpo|pretrain` (= launch/<task>.py) under every launcher: parse, build the objective, run.
+"""`llmtrain sft|dpo|reward|pretrain` (= launch/<task>.py) under every launcher: parse, build the objective, run.
 
 Exit status (errors.py): 0 done (final/ complete), 2 user error, 3 preempted (checkpointed), 4 too
 many non-finite steps, 5 storage (a checkpoint or final/ could not be written).

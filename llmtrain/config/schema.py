@@ -153,6 +153,41 @@ class DPOConfig(Section):
 
 
 @dataclass
+class RLConfig(Section):
+    """Online RL (`llmtrain rl`): rollouts from the policy, rewards, advantages, clipped policy loss."""
+
+    advantage: Literal["grpo", "rloo"] = "grpo"  # grpo: (r - group mean) / group std; rloo: leave-one-out baseline
+    scale_std: bool = True  # grpo: divide by the group std (false = Dr. GRPO: r - group mean)
+    std_eps: float = 1.0e-4  # added to the group std (TRL 1e-4)
+    num_generations: int = 8  # samples per prompt (G); all of a prompt's samples are on one rank
+    prompts_per_step: int = 16  # prompts per rollout, all ranks (a multiple of world size x mini_batches)
+    temperature: float = 1.0  # sampling temperature of rollouts (eval is greedy)
+    top_p: float = 1.0  # nucleus sampling of rollouts (1 = off)
+    max_new_tokens: int = 64  # completion budget in tokens (a completion without a stop token is truncated)
+    ppo_epochs: int = 1  # passes over each rollout; a rollout lasts ppo_epochs x mini_batches optimizer steps
+    mini_batches: int = 1  # optimizer steps per pass; each takes 1/mini_batches of the rollout's prompts
+    clip_low: float = 0.2  # ratio clip lower bound 1 - clip_low
+    clip_high: float = 0.28  # ratio clip upper bound 1 + clip_high (DAPO clip-higher)
+    kl_coef: float = 0.0  # KL to the reference model (0 = no reference model)
+    kl_type: Literal["k3", "k1"] = "k3"  # k3: loss term per token (GRPO); k1: penalty subtracted from the reward
+    reward_fns: list = field(default_factory=list)  # `module:function` names, called (prompts, completions, **columns)
+    reward_weights: list = field(default_factory=list)  # one weight per reward function (default: all 1)
+    reward_model: Optional[str] = None  # a reward-model directory (launch/reward.py final/), added with weight 1
+    generation_backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate on the engine; vllm: (GPU) vLLM engine
+    zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
+    generation_batch_size: int = 64  # sequences per generate call on each rank
+
+
+@dataclass
+class RewardConfig(Section):
+    # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+    center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
+    # per-pair margin m (Llama 2): the column of each preference row holding it (e.g. margin); absent: m = 0
+    margin_column: Optional[str] = None
+    zero_head: bool = True  # start the score head at 0: every reward 0, first loss ln 2 (false: HF's normal init)
+
+
+@dataclass
 class LoraConfig(Section):
     enabled: bool = False  # train LoRA adapters on a frozen base (any task); only adapter params get optimizer state
     r: int = 16  # adapter rank: trainable params per adapted matrix = r x (in + out features)
@@ -182,6 +217,8 @@ class Config(Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # one-line notices about values adjusted while loading (printed once by rank 0 at startup)
     notices: list = field(default_factory=list, repr=False, compare=False)

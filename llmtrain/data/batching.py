@@ -12,7 +12,7 @@ So the whole data position is one integer (rows consumed), every rank knows the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -112,6 +112,7 @@ class StepPlan:
     global_weight: int  # normaliser of the step's loss: target tokens (SFT) or pairs (DPO), all ranks
     global_tokens: int  # real (non-padding) tokens of the step, all ranks
     epoch: float  # fractional epoch reached, for logs
+    metrics: dict = field(default_factory=dict)  # global figures of the step's data (RL: rollout metrics), logged as is
 
 
 class BatchPlanner:

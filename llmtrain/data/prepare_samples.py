@@ -348,7 +348,8 @@ class _Preparer:
         extra = {"kind": self.req.spec.kind,
                  "prepare": {"seconds": round(time.time() - self.started, 3), "ranks": self.req.world_size,
                              "workers_per_rank": self.workers, "finished_by": f"rank {self.rank} ({socket.gethostname()})"}}
-        manifest = finalize_split(self.dir, sides, self.req.spec.seqs_per_unit, self.dtype, extra)
+        manifest = finalize_split(self.dir, sides, self.req.spec.seqs_per_unit, self.dtype, extra,
+                                  unit_values=self.req.spec.value_column is not None)
         if os.path.exists(os.path.join(self.dir, FAILED_NAME)):
             os.remove(os.path.join(self.dir, FAILED_NAME))  # an earlier verdict under a lower data.max_bad_fraction
         cleanup_tmp(self.dir)

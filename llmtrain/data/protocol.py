@@ -30,6 +30,8 @@ class TrainData(Protocol):
     batches()    collates a plan's micro-batches into tensors (the loop runs it in a prefetch thread).
     eval_set()   the held-out batches of this rank and their global normaliser, or None.
     state_dict() / load_state_dict()  the data position (+ a fingerprint of the data) a checkpoint keeps.
+    prefetch_safe  (optional attribute, default True) False: next_step runs the model (RL rollouts), so
+                 the loop plans each step in its own thread, never in the prefetch thread.
     """
 
     def next_step(self) -> StepPlan: ...

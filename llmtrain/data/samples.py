@@ -26,6 +26,9 @@ Layout of a prepared directory (each chunk = one row range of one source, see so
                           chunk finished
     <c>.claim             while a process tokenizes the chunk (llmtrain.data.claims)
     staged-*.parquet      Parquet sources rewritten with chunk-sized row groups (sources.stage_parquet)
+    values.npy            float32 (units,): a per-unit number read from a column (the reward model's
+                          per-pair margin), only when the manifest says "unit_values"; each chunk's
+                          values sit in its sidecar until the split is consolidated
 Finished files are published first-wins and never replaced (llmtrain.data.files), so jobs sharing
 a cache directory never swap a file under a reader. The fingerprint (a hash of the sequences'
 content, independent of the chunking) is computed once, at preparation, and stored.
@@ -48,6 +51,7 @@ from .files import publish_json_once, publish_once, read_json, tmp_suffix, write
 FORMAT_NAME = "llmtrain.samples"
 FORMAT_VERSION = 2  # 2: one .bin per chunk, consolidated index.npy and bad_rows.jsonl
 MANIFEST_NAME, INDEX_NAME, BAD_ROWS_NAME = "manifest.json", "index.npy", "bad_rows.jsonl"
+VALUES_NAME = "values.npy"
 
 
 class SampleStoreError(RuntimeError):
@@ -82,6 +86,10 @@ class _Samples:
 
     def subset(self, units: np.ndarray, tag: str) -> "SampleView":
         return SampleView(self, units, tag)
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        """(units,) float32 per-unit values (EncodeSpec.value_column), or None when the data has none."""
+        return None
 
 
 @dataclass
@@ -162,6 +170,10 @@ class SampleView(_Samples):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def unit_values(self) -> Optional[np.ndarray]:
+        values = self.base.unit_values()
+        return None if values is None else values[self.units]
+
 
 # --------------------------------------------------------------------------- writing one chunk
 
@@ -183,6 +195,7 @@ class ChunkWriter:
         self._mask_sha = hashlib.sha256()
         self._content = 0  # of the sequences, foldable across chunks: the data's identity (see data_fingerprint)
         self._lengths: list[int] = []
+        self._values: list[float] = []  # one per unit, when the spec reads a value column
         self._targets: list[int] = []
 
     def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
@@ -202,6 +215,9 @@ class ChunkWriter:
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 
+    def add_unit_value(self, value: float) -> None:
+        self._values.append(value)
+
     def finish(self, meta: dict) -> dict:
         """Close, publish the .bin (ids, mask, per-sequence table) and then the sidecar; return the
         sidecar in place (ours, or that of a process that finished this chunk first)."""
@@ -220,6 +236,9 @@ class ChunkWriter:
         os.remove(self._tmp_mask)
         self._sha.update(self._mask_sha.digest())
         self._sha.update(seqs.tobytes())
+        if self._values:  # a few bytes per unit: in the sidecar, consolidated into values.npy at the end
+            self._sha.update(np.asarray(self._values, dtype=np.float32).tobytes())
+            meta = {**meta, "unit_values": [float(v) for v in self._values]}
         publish_once(self._tmp_bin, os.path.join(self.dir, self.name + ".bin"))
         side = {"name": self.name, "num_seqs": len(self._lengths), "num_tokens": int(sum(self._lengths)),
                 "sha256": self._sha.hexdigest(), "content": self._content, **meta}
@@ -259,10 +278,12 @@ def _bin_size(num_tokens: int, num_seqs: int, dtype: np.dtype) -> int:
 # --------------------------------------------------------------------------- one split from its chunks
 
 
-def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype, extra: Optional[dict] = None) -> dict:
-    """Consolidate finished chunks into index.npy, bad_rows.jsonl and (last) manifest.json, each
-    published first-wins; returns the manifest in place. O(chunks) reads, once, in one process, so
-    that every rank's later open reads two files."""
+def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype, extra: Optional[dict] = None,
+                   unit_values: bool = False) -> dict:
+    """Consolidate finished chunks into index.npy, bad_rows.jsonl, values.npy (unit_values: the
+    sidecars' per-unit values) and (last) manifest.json, each published first-wins; returns the
+    manifest in place. O(chunks) reads, once, in one process, so that every rank's later open reads
+    two or three files."""
     dtype = np.dtype(dtype)
     n_seqs = sum(s["num_seqs"] for s in sides)
     index_tmp = os.path.join(directory, INDEX_NAME + tmp_suffix())
@@ -278,6 +299,12 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
     index.flush()
     del index
     publish_once(index_tmp, os.path.join(directory, INDEX_NAME))
+    if unit_values:
+        values = np.asarray([v for s in sides for v in s.get("unit_values", [])], dtype=np.float32)  # (units,)
+        values_tmp = os.path.join(directory, VALUES_NAME + tmp_suffix())
+        with open(values_tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
+            np.save(f, values)
+        publish_once(values_tmp, os.path.join(directory, VALUES_NAME))
     bad = [b for s in sides for b in s.get("bad", [])]
     if bad:
         bad_tmp = os.path.join(directory, BAD_ROWS_NAME + tmp_suffix())
@@ -291,7 +318,7 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
         "num_seqs": n_seqs, "num_tokens": sum(s["num_tokens"] for s in sides),
         "rows": sum(s.get("rows", 0) for s in sides), "bad_rows": len(bad),
         "dropped_too_long": sum(s.get("dropped_too_long", 0) for s in sides),
-        "fingerprint": data_fingerprint(seqs_per_unit, sides), **(extra or {}),
+        "fingerprint": data_fingerprint(seqs_per_unit, sides), "unit_values": unit_values, **(extra or {}),
     }
     path = os.path.join(directory, MANIFEST_NAME)
     if not publish_json_once(path, manifest):
@@ -378,6 +405,21 @@ class SampleStore(_Samples):
         # eval_fraction view reads this same store: the LRU must not close an fd another thread uses
         self._lock = threading.Lock()
         self._unit_lengths = None
+        self._values = self._load_values() if m.get("unit_values") else None
+
+    def _load_values(self) -> np.ndarray:
+        path = os.path.join(self.dir, VALUES_NAME)
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SampleStoreError(f"{path} is missing or unreadable ({e}); delete {self.dir} to prepare again") from None
+        if values.shape != (len(self),):
+            raise SampleStoreError(f"{path} holds {values.shape} values for {len(self)} units; delete {self.dir} "
+                                   "to prepare again")
+        return values
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        return self._values
 
     @property
     def num_seqs(self) -> int:

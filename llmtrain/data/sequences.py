@@ -74,6 +74,9 @@ class SequenceData:
         else:
             seq_rows = [[s] for row in rows for u in row for s in unit(u)]
         batch = collate_sequences(seq_rows, self.pad_id)
+        values = samples.unit_values()
+        if values is not None:  # (units,) -> this batch's units in sequence order (the reward margin)
+            batch["unit_values"] = torch.from_numpy(values[[u for row in rows for u in row]].astype(np.float32))
         if self.unit_ids:
             offset = 0 if samples is self.samples else len(self.samples)  # eval units follow train units
             batch["unit_ids"] = torch.tensor([offset + u for row in rows for u in row], dtype=torch.long)
@@ -126,11 +129,12 @@ def _seq_ids(micro_batches: list, seqs_per_unit: int) -> list[int]:
 
 
 def sequence_data(ctx: DataContext, kind: str, unit_weights: Callable[..., np.ndarray],
-                  unit_ids: bool = False) -> SequenceData:
+                  unit_ids: bool = False, value_column: Optional[str] = None) -> SequenceData:
     """data.train (and data.eval, or a data.eval_fraction split of train) prepared as `kind`
-    ("sft" | "dpo") sequences, ready for the loop."""
-    train = load_split(ctx, "data.train", kind)
-    eval_set = load_split(ctx, "data.eval", kind) if ctx.data.eval else None
+    ("sft" | "dpo") sequences, ready for the loop; value_column: a per-unit number each batch carries
+    as "unit_values" (the reward model's margin)."""
+    train = load_split(ctx, "data.train", kind, value_column)
+    eval_set = load_split(ctx, "data.eval", kind, value_column) if ctx.data.eval else None
     if eval_set is None and ctx.data.eval_fraction > 0:
         train, eval_set = split_eval(train, ctx.data.eval_fraction, ctx.train.seed)
     return SequenceData(ctx.data, ctx.train, ctx.info, train, eval_set, ctx.tokenizer.pad_token_id,

@@ -90,8 +90,10 @@ class Run:
     def load_model(self, ds_config: dict) -> torch.nn.Module:
         """The starting model once more, exactly as the run loaded it (RunContext.load_model)."""
         c = self.cfg
-        return load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
-                          head=self.objective.head)
+        model = load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
+                           head=self.objective.head)
+        self.objective.prepare_model(model)
+        return model
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -188,6 +190,7 @@ def setup(cfg: Config, objective: Objective) -> Run:
     data = objective.build_data(DataContext.of(cfg, tokenizer, info, tok_hash))
     resume_path = _universal_if_resized(cfg, info, ds_config, resume_path)
     model = load_model(cfg.model, cfg.lora, t.seed, tokenizer, ds_config, precision, info.device, head=objective.head)
+    objective.prepare_model(model)  # e.g. the reward model's zeroed head: before the engine copies the weights
     model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
     trainable, total = count_parameters(model)
     adapter = initialize(model, t, ds_config, info.world_size, info.device, cfg.deepspeed.config)
