@@ -28,7 +28,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     args = p.parse_args(argv)
-    from ..tools.score import RewardScorer, score_file, summary
+    from ..objectives.reward_scoring import RewardScorer, score_file, summary
 
     try:
         scorer = RewardScorer.load(args.model, device=args.device)

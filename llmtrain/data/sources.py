@@ -469,3 +469,12 @@ def _stamp(path: str) -> list:
             f.seek(max(STAMP_SAMPLE_BYTES, size - STAMP_SAMPLE_BYTES))
             h.update(f.read(STAMP_SAMPLE_BYTES))
     return [size, h.hexdigest()[:32]]
+
+
+def fingerprint(paths: list[str]) -> str:
+    """Cheap identity of source files (path, size, sampled content as in _stamp): for resume checks
+    of data read whole at start (RL prompts)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(json.dumps([os.path.abspath(p), _stamp(p)]).encode())
+    return h.hexdigest()[:16]

@@ -153,7 +153,7 @@ def test_lora_reward_model_merges_into_a_sequence_classifier_with_the_trained_he
     the eval file to the run's last eval figures (the head trained, not dropped as a causal-LM merge would)."""
     from transformers import AutoModelForSequenceClassification
 
-    from llmtrain.tools.score import RewardScorer, score_file
+    from llmtrain.objectives.reward_scoring import RewardScorer, score_file
 
     recipe = reward_recipe(tmp_path / "run", tiny_model_dir, data_files, max_steps=2, save_every=0)
     recipe["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge": True}

@@ -60,16 +60,16 @@ def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: d
 class RewardModelFn:
     """rl.reward_model as a reward function: each (prompt, completion) re-encoded as a conversation by
     the chat path the reward model was trained on, scored by its head at the last token
-    (tools/score.RewardScorer, from the reward-model task). The model is a full (unsharded) copy on
+    (objectives/reward_scoring.RewardScorer, from the reward-model task). The model is a full (unsharded) copy on
     each rank, in eval mode: fine for a reward model that fits one device next to the policy."""
 
     name = "reward_model"
 
     def __init__(self, path: str, device):
         try:
-            from ...tools.score import RewardScorer
+            from ..reward_scoring import RewardScorer
         except ImportError:
-            raise ConfigError("rl.reward_model needs the reward-model task (llmtrain.tools.score), not in this build") from None
+            raise ConfigError("rl.reward_model needs the reward-model task (llmtrain.objectives.reward_scoring), not in this build") from None
         self.scorer = RewardScorer.load(path, device=device)
 
     def __call__(self, prompts, completions, **_) -> list[float]:

@@ -23,7 +23,7 @@ import torch
 from ..data.batching import collate_sequences, next_fit_bounds
 from ..data.chat import DEFAULT_OPTIONS, ChatOptions, ensure_chat_template, tokenize_chat
 from ..errors import ConfigError
-from ..objectives.reward import sequence_rewards
+from .reward import sequence_rewards
 
 
 def load_reward_model(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
