@@ -3,8 +3,8 @@ value checks (validation.py). `from llmtrain.config import Config, load_config, 
 from ..errors import ConfigError
 from .loading import (SOURCE_FIELDS, load_config, parse_override, redact, save_resolved, sources, to_dict)
 from .schema import (Config, DataConfig, DeepSpeedSection, DistConfig, DPOConfig, LoggingConfig, LoraConfig,
-                     ModelConfig, SourceConfig, TrainConfig, WandbConfig)
+                     ModelConfig, ParallelConfig, SourceConfig, TrainConfig, WandbConfig)
 
 __all__ = ["SOURCE_FIELDS", "Config", "ConfigError", "DPOConfig", "DataConfig", "DeepSpeedSection", "DistConfig",
-           "LoggingConfig", "LoraConfig", "ModelConfig", "SourceConfig", "TrainConfig", "WandbConfig", "load_config",
+           "LoggingConfig", "LoraConfig", "ModelConfig", "ParallelConfig", "SourceConfig", "TrainConfig", "WandbConfig", "load_config",
            "parse_override", "redact", "save_resolved", "sources", "to_dict"]

@@ -16,6 +16,7 @@ import torch
 
 from .. import distributed as dist
 from ..data.protocol import to_device
+from ..distributed.mesh import replica_count
 from ..errors import LlmtrainError
 from .flops import flops_per_token, peak_flops, throughput_columns
 from .metrics import Throughput
@@ -128,7 +129,8 @@ def train_loop(run) -> RunState:
         if state.step % t.log_every == 0 or last:
             names = sorted(metric_sums)
             packed = torch.stack([loss_sum.double()] + [metric_sums[k] for k in names])
-            packed = dist.all_reduce_sum(packed).tolist()
+            # TP ranks each hold the whole loss: count it once (SP ranks hold disjoint shares)
+            packed = (dist.all_reduce_sum(packed) / replica_count()).tolist()
             row = {
                 "step": state.step,
                 "loss": packed[0],

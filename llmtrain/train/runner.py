@@ -6,6 +6,7 @@ that holds the whole recipe; it hands each other component the section it uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -20,8 +21,11 @@ from ..config import Config, save_resolved
 from ..data.protocol import DataContext, TrainData
 from ..data.tokenizer_id import tokenizer_hash
 from ..distributed import preflight
+from ..distributed.mesh import build_mesh, check_model, check_zero_stage
+from ..distributed.mesh import set_current as set_current_mesh
 from ..errors import ConfigError
 from ..models.fastpaths import apply_fast_paths
+from ..models import sequence_parallel
 from ..models.loading import load_model
 from ..models.params import count_parameters
 from ..models.tokenizer import load_tokenizer
@@ -101,8 +105,10 @@ class Run:
             "consecutive_skips": self.state.consecutive_skips,
             "data": self.data_state if self.data_state is not None else self.data.state_dict(),
             "tokenizer_hash": self.tok_hash,
-            "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
+            "global_batch": t.micro_batch_size * t.grad_accum * self.info.data_world_size,
             "world_size": self.info.world_size,
+            "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
+            "tensor_parallel_size": self.cfg.parallel.tensor_parallel_size,
             "task": self.objective.name,
         }
 
@@ -113,6 +119,13 @@ class Run:
 
 def check_resume_identity(cfg: Config, saved: dict, current: dict) -> None:
     """Resuming must continue the same run: same data, tokenizer and global batch."""
+    saved_tp, tp = saved.get("tensor_parallel_size", 1), current["tensor_parallel_size"]
+    if saved_tp != tp:
+        # DeepSpeed's checkpoint holds one model file per TP rank (mp_rank_XX); loading it at another TP
+        # size fails deep inside its Megatron merge (state_dict_factory.py:423)
+        raise ConfigError(f"{cfg.parallel.where('parallel.tensor_parallel_size')}: the checkpoint was written with "
+                          f"parallel.tensor_parallel_size={saved_tp}, this run has {tp}; resume at the same TP size, or "
+                          "start a new run from the checkpoint's final/ export")
     problems = []
     if saved["data"].get("fingerprint") != current["data"].get("fingerprint"):
         problems.append("the training data changed")
@@ -168,6 +181,9 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
 
 def setup(cfg: Config, objective: Objective) -> Run:
     info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    mesh = build_mesh(cfg.parallel, info.world_size, info.rank)  # DP x SP x TP: one line if the world does not split
+    info = dataclasses.replace(info, mesh=mesh)
+    set_current_mesh(mesh)
     for line in cfg.notices:  # values adjusted while loading (e.g. warmup clamped to max_steps)
         dist.print0(line)
     tokenizer = load_tokenizer(cfg.model)
@@ -177,19 +193,23 @@ def setup(cfg: Config, objective: Objective) -> Run:
     resume_path = _start(cfg, info)
 
     t = cfg.train
-    ds_config = build_ds_config(t, cfg.deepspeed, info.world_size, info.device)
+    ds_config = build_ds_config(t, cfg.deepspeed, info.world_size, info.device, mesh)
+    check_zero_stage(cfg.parallel, zero_stage(ds_config), cfg.deepspeed.config)
     precision = resolve_precision(t, info.device)
     data = objective.build_data(DataContext.of(cfg, tokenizer, info, tok_hash))
     resume_path = _universal_if_resized(cfg, info, ds_config, resume_path)
     model = load_model(cfg.model, cfg.lora, t.seed, tokenizer, ds_config, precision, info.device, head=objective.head)
     model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
+    check_model(cfg.parallel, model.config)  # heads divisible by SP/TP, a TP-supported architecture
+    # Ulysses attention + SP groups, before deepspeed.initialize (every rank; a no-op without SP)
+    mpu = sequence_parallel.register(model, mesh.sp).mpu if mesh.sp > 1 else None
     trainable, total = count_parameters(model)
-    adapter = initialize(model, t, ds_config, info.world_size, info.device)
+    adapter = initialize(model, t, ds_config, info.world_size, info.device, mesh=mesh, mpu=mpu)
     dist.print0(
         f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{adapter.stage}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
+        f"ZeRO-{adapter.stage}, {mesh.describe()}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
         f"params {total:,} ({trainable:,} trainable), "
-        f"global batch {t.micro_batch_size * t.grad_accum * info.world_size} "
+        f"global batch {t.micro_batch_size * t.grad_accum * info.data_world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
     )
 

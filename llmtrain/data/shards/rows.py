@@ -85,7 +85,7 @@ class PretrainData:
             self.rows = PretrainRows(train, seq_len=self.row_tokens - 1, seed=t.seed, packing=d.packing)
         except ValueError as e:
             raise DataError(f"data.train: {e}") from None
-        self.mbs, self.ga, self.world, self.rank = t.micro_batch_size, t.grad_accum, info.world_size, info.rank
+        self.mbs, self.ga, self.world, self.rank = t.micro_batch_size, t.grad_accum, info.data_world_size, info.data_rank
         self.rows_per_step = self.mbs * self.ga * self.world
         self.rows_per_epoch = sum(self.rows.source_rows)  # for the logged (fractional) epoch
         self.eval_sources = eval_sources
