@@ -39,6 +39,7 @@ class SPGroup:
 
 
 _ACTIVE: Optional[SPGroup] = None
+_WRAPPED: set = set()  # attention implementations DeepSpeed's wrapper replaced in this process
 
 
 def active() -> Optional[SPGroup]:
@@ -83,11 +84,18 @@ def register(model: torch.nn.Module, sp_size: int) -> SPGroup:
     """Once per process, after the model is loaded and before deepspeed.initialize: DeepSpeed's
     Ulysses attention for the model's attention implementation, and the SP process groups."""
     global _ACTIVE
-    if _ACTIVE is not None:  # a second model (DPO's frozen reference) already runs through the wrapper
+    attn = model.config._attn_implementation
+    if _ACTIVE is not None and attn in _WRAPPED:  # e.g. DPO's frozen reference: already runs through the wrapper
+        if sp_size != _ACTIVE.size:
+            raise ValueError(f"sequence parallelism of size {_ACTIVE.size} is already set up in this process")
         return _ACTIVE
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    attn = model.config._attn_implementation
+    if _ACTIVE is not None:
+        # another attention implementation in the same process (several runs in one process): DeepSpeed
+        # builds its groups once per call and asserts they are new (parallel_state_sp.py:50); fresh ones
+        sp_state._SEQUENCE_PARALLEL_GROUP = sp_state._SEQUENCE_DATA_PARALLEL_GROUP = None
     if attn == "sdpa":
         install_packed_sdpa()
     # micro_batch_size=1: shard_batch flattens every micro-batch into one row;
@@ -95,6 +103,7 @@ def register(model: torch.nn.Module, sp_size: int) -> SPGroup:
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=sp_size,
         micro_batch_size=1, seq_length_is_variable=True)
+    _WRAPPED.add(attn)
     _ACTIVE = SPGroup(size=sp_size, rank=mpu.get_sequence_parallel_rank(), group=mpu.get_sequence_parallel_group(),
                       mpu=mpu)
     return _ACTIVE
