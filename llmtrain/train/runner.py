@@ -119,13 +119,6 @@ class Run:
 
 def check_resume_identity(cfg: Config, saved: dict, current: dict) -> None:
     """Resuming must continue the same run: same data, tokenizer and global batch."""
-    saved_tp, tp = saved.get("tensor_parallel_size", 1), current["tensor_parallel_size"]
-    if saved_tp != tp:
-        # DeepSpeed's checkpoint holds one model file per TP rank (mp_rank_XX); loading it at another TP
-        # size fails deep inside its Megatron merge (state_dict_factory.py:423)
-        raise ConfigError(f"{cfg.parallel.where('parallel.tensor_parallel_size')}: the checkpoint was written with "
-                          f"parallel.tensor_parallel_size={saved_tp}, this run has {tp}; resume at the same TP size, or "
-                          "start a new run from the checkpoint's final/ export")
     problems = []
     if saved["data"].get("fingerprint") != current["data"].get("fingerprint"):
         problems.append("the training data changed")
@@ -149,12 +142,24 @@ def check_resume_step(cfg: Config, resume_path: str) -> None:
                           f"{saved_step}, or train.resume=never with overwrite_output_dir=true to start over")
 
 
+def check_resume_tp(cfg: Config, resume_path: str) -> None:
+    """DeepSpeed's checkpoint holds one model file per TP rank (mp_rank_XX); loading it at another TP
+    size fails deep inside its Megatron merge (state_dict_factory.py:423): one line before that."""
+    saved_tp = checkpoint.saved_state(resume_path).get("tensor_parallel_size", 1)
+    tp = cfg.parallel.tensor_parallel_size
+    if saved_tp != tp:
+        raise ConfigError(f"{cfg.parallel.where('parallel.tensor_parallel_size')}: parallel.tensor_parallel_size={tp} "
+                          f"but the checkpoint to resume ({resume_path}) was written with {saved_tp}; resume at the "
+                          "same TP size, or start a new run (train.resume=never) from a final/ export")
+
+
 def _start(cfg: Config, info) -> Optional[str]:
     """Rank 0 readies output_dir (config.yaml, run identity); returns the checkpoint to resume, if any."""
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
     if resume_path is not None:
         check_resume_step(cfg, resume_path)
+        check_resume_tp(cfg, resume_path)
     if info.is_main:
         if cfg.overwrite_output_dir and resume_path is None:
             for sub in ("checkpoints", "final", "cache"):  # asked for explicitly: the old run goes
