@@ -62,6 +62,10 @@ def _losses(out: str) -> list[float]:
     return [r["loss"] for r in read_metrics(out) if "loss" in r]
 
 
+def _grad_norms(out: str) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
+
+
 def _weights(out: str) -> dict:
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
@@ -70,6 +74,9 @@ def _assert_same_run(ref: str, got: str, loss_tol: float = 1e-5, weight_tol: flo
     a, b = _losses(ref), _losses(got)
     assert len(a) == len(b) == 3, (a, b)
     assert b == pytest.approx(a, abs=loss_tol), (a, b)
+    # gradients too: under clipping Adam's update hides a gradient off by a constant factor from the losses
+    ga, gb = _grad_norms(ref), _grad_norms(got)
+    assert gb == pytest.approx(ga, rel=100 * loss_tol), (ga, gb)
     wa, wb = _weights(ref), _weights(got)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -110,8 +117,8 @@ def test_sp2_matches_one_rank_sft_zero3_with_resume_dpo_and_flash(parallel_refs)
     assert first["tokens_seen"] / 2 > 32, first
     _assert_same_run(ref["sft"], out["sft"])
     _assert_same_run(ref["dpo"], out["dpo"])
-    # bf16 (both runs): differences of rounding only; packed samples seeing each other shift the loss by >1e-2
-    _assert_same_run(ref["flash"], out["flash"], loss_tol=3e-3, weight_tol=2e-2)
+    # bf16 (both runs): differences of rounding only; packed samples seeing each other (stock sdpa under SP) shift step 1 by 6e-3
+    _assert_same_run(ref["flash"], out["flash"], loss_tol=1.5e-3, weight_tol=2e-2)
 
 
 def test_tp2_matches_one_rank_exports_plain_hf_dir_and_resumes_exactly(parallel_refs):
