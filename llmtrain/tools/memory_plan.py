@@ -271,7 +271,7 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, model_config_path: Option
                      f"~{best.total_gib:.1f} of {gpu_mem_gib:g} GiB per GPU")
         lines.append(f"  overrides: deepspeed.config={ds} train.micro_batch_size={best.micro_batch_size} "
                      f"train.grad_accum={accum} model.gradient_checkpointing={str(best.gradient_checkpointing).lower()}")
-    if not t.loss_chunk_tokens and shape.vocab >= 64000:
+    if not t.loss_chunk_tokens and shape.vocab >= 64000 and tp == 1:  # TP shards the head: no chunking
         chunked = activation_bytes(shape, t.micro_batch_size, seq, m.gradient_checkpointing, flash, 1024, sp, tp) / GIB
         lines.append(f"hint: train.loss_chunk_tokens=1024 would cut activations to ~{chunked:.1f} GiB "
                      f"(the {shape.vocab:,}-token logits are never materialised)")
