@@ -63,11 +63,19 @@ def install_packed_sdpa() -> None:
 
     def packed_sdpa(module, query, key, value, attention_mask, **kwargs):
         pos = kwargs.get("position_ids")
-        if attention_mask is None and pos is not None and query.shape[2] > 1:
+        if attention_mask is None and pos is not None and query.shape[2] > 1 and _several_documents(pos):
+            # an explicit mask sends sdpa to its math kernel, which keeps the S x S probabilities for
+            # backward; one document per row keeps is_causal (bench/sp_memory.py shows the difference)
             attention_mask = packed_causal_mask(pos)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_sdpa
+
+
+def _several_documents(position_ids: torch.Tensor) -> bool:
+    """Whether any row restarts its positions (a packed row). .item() syncs the device: the sdpa path
+    under SP is the CPU/test path."""
+    return bool((torch.diff(position_ids, dim=-1) != 1).any().item())
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
