@@ -34,7 +34,8 @@ def _recipes(tmp, model_dir) -> dict:
     2 to 3 steps by a resume has the schedule of a 3-step run)."""
     cache = str(tmp / "cache")  # content-keyed prepared data, shared by every run of the module
     sft = base_recipe(tmp, model_dir, max_steps=3, micro_batch_size=1, grad_accum=2, schedule="constant")
-    sft["data"].update(train=[_subset("data/demo/sft_train.jsonl", tmp / "sft.jsonl", 300)], cache_dir=cache)
+    sft["data"].update(train=[_subset("data/demo/sft_train.jsonl", tmp / "sft.jsonl", 300)], cache_dir=cache,
+                       eval_fraction=0.05)  # 15 held-out samples, evaluated after the last step
     sft["deepspeed"]["config"] = os.path.join(REPO, "ds_configs/zero1.json")
     dpo = json.loads(json.dumps(sft))
     dpo["data"] = {"train": [_subset("data/demo/dpo_train.jsonl", tmp / "dpo.jsonl", 120)], "max_seq_len": 64,
@@ -66,6 +67,10 @@ def _grad_norms(out: str) -> list[float]:
     return [r["grad_norm"] for r in read_metrics(out) if "loss" in r]
 
 
+def _evals(out: str) -> list[float]:
+    return [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+
+
 def _weights(out: str) -> dict:
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
@@ -77,6 +82,8 @@ def _assert_same_run(ref: str, got: str, loss_tol: float = 1e-5, weight_tol: flo
     # gradients too: under clipping Adam's update hides a gradient off by a constant factor from the losses
     ga, gb = _grad_norms(ref), _grad_norms(got)
     assert gb == pytest.approx(ga, rel=100 * loss_tol), (ga, gb)
+    ea, eb = _evals(ref), _evals(got)  # the eval after the last step (a resumed run also evaluated at its first end)
+    assert bool(ea) == bool(eb) and (not ea or eb[-1] == pytest.approx(ea[-1], abs=loss_tol)), (ea, eb)
     wa, wb = _weights(ref), _weights(got)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -115,7 +122,8 @@ def test_sp2_matches_one_rank_sft_zero3_with_resume_dpo_and_flash(parallel_refs)
     # rows are longer than half of max_seq_len, so the split point falls inside a sample
     first = read_metrics(out["sft"])[0]
     assert first["tokens_seen"] / 2 > 32, first
-    _assert_same_run(ref["sft"], out["sft"])
+    _assert_same_run(ref["sft"], out["sft"])  # with its eval (data.eval_fraction) under SP
+    assert _evals(out["sft"])
     _assert_same_run(ref["dpo"], out["dpo"])
     # bf16 (both runs): differences of rounding only; packed samples seeing each other (stock sdpa under SP) shift step 1 by 6e-3
     _assert_same_run(ref["flash"], out["flash"], loss_tol=1.5e-3, weight_tol=2e-2)
