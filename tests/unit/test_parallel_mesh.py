@@ -199,3 +199,20 @@ def test_planner_divides_activations_by_sp_and_linear_states_by_tp():
     logits = 4096 * 512 * 8
     assert activation_bytes(shape, 1, 4096, False, tp=2) - logits == pytest.approx(2 * 4096 * 64 * 22)
     assert params_per_rank(shape, 4) == 200 + 200
+
+
+def test_plan_reports_the_mesh_and_refuses_what_the_run_would_refuse():
+    from llmtrain.tools.memory_plan import report
+
+    def act(text):  # the ZeRO-1 row's activations column
+        row = next(line for line in text.splitlines() if line.startswith("| 1 | none |"))
+        return float(row.split("|")[4])
+
+    base = report(load_config(DEBUG_SFT, []), gpus=4, gpu_mem_gib=80)
+    sp2 = report(load_config(DEBUG_SFT, ["parallel.sequence_parallel_size=2"]), gpus=4, gpu_mem_gib=80)
+    assert "mesh DP 2 x SP 2 x TP 1 over 4 GPU(s)" in sp2
+    assert act(sp2) == pytest.approx(act(base) / 2, rel=0.1)  # printed to 3 decimals
+    with pytest.raises(ConfigError, match="must divide the model's num_attention_heads=4"):
+        report(load_config(DEBUG_SFT, ["parallel.sequence_parallel_size=3"]), gpus=3, gpu_mem_gib=80)
+    with pytest.raises(ConfigError, match="does not divide the world size 6"):
+        report(load_config(DEBUG_SFT, ["parallel.tensor_parallel_size=4"]), gpus=6, gpu_mem_gib=80)
