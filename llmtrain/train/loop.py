@@ -87,7 +87,8 @@ def train_loop(run) -> RunState:
     eval_set = data.eval_set()
     throughput = Throughput()
     # tflops_per_gpu / mfu columns: FLOPs per token counted once (ZeRO-3 shards via ds_numel)
-    model_flops_per_token, peak = flops_per_token(engine.module, run.seq_len), peak_flops(info.device)
+    model_flops_per_token = getattr(run, "model_flops_per_token", None) or flops_per_token(engine.module, run.seq_len)
+    peak = peak_flops(info.device)
     stop = StopFlag()
     start_time, start_step = time.perf_counter(), state.step
     engine.train()

@@ -34,6 +34,7 @@ from ..tools import plots
 from . import checkpoint, export, universal
 from .ds_config import build_ds_config, resolve_precision, zero_stage
 from .engine import EngineAdapter, accumulation_note, initialize
+from .flops import flops_per_token
 from .loop import RunState, train_loop
 from .metrics import make_logger
 from .optim import apply_train_settings
@@ -72,6 +73,8 @@ class Run:
     logger: Any
     state: RunState
     data_state: Optional[dict] = None  # data position after the last trained step (the loop prefetches ahead)
+    # training FLOPs per token of the whole model, counted before AutoTP shards the weights (flops.py)
+    model_flops_per_token: Optional[int] = None
 
     @property
     def engine(self):
@@ -209,6 +212,7 @@ def setup(cfg: Config, objective: Objective) -> Run:
     # Ulysses attention + SP groups, before deepspeed.initialize (every rank; a no-op without SP)
     mpu = sequence_parallel.register(model, mesh.sp).mpu if mesh.sp > 1 else None
     trainable, total = count_parameters(model)
+    model_flops = flops_per_token(model, cfg.data.max_seq_len)  # before AutoTP replaces layers by shards
     adapter = initialize(model, t, ds_config, info.world_size, info.device, mesh=mesh, mpu=mpu)
     dist.print0(
         f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
@@ -219,7 +223,8 @@ def setup(cfg: Config, objective: Objective) -> Run:
     )
 
     state = RunState()
-    run = Run(cfg, info, objective, tokenizer, tok_hash, data, adapter, ds_config, precision, None, state)
+    run = Run(cfg, info, objective, tokenizer, tok_hash, data, adapter, ds_config, precision, None, state,
+              model_flops_per_token=model_flops)
     objective.setup(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
         resume(run, resume_path)

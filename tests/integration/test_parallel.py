@@ -144,6 +144,10 @@ def test_tp2_matches_one_rank_exports_plain_hf_dir_and_resumes_exactly(parallel_
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         assert json.load(f)["tensor_parallel_size"] == 2
     _assert_same_run(ref["sft"], out)
+    # FLOPs per token are the whole model's (counted before AutoTP shards it): per GPU = tokens/s x F / 2 ranks
+    per_token = [r["tflops_per_gpu"] / r["tokens_per_sec"] for r in read_metrics(out) if "loss" in r]
+    per_token_ref = [r["tflops_per_gpu"] / r["tokens_per_sec"] for r in read_metrics(ref["sft"]) if "loss" in r]
+    assert per_token == pytest.approx([x / 2 for x in per_token_ref], rel=1e-6)
     # export round trip: final/ is a plain HF directory (no DeepSpeed, no TP) with the trained weights
     from transformers import AutoModelForCausalLM
 
