@@ -56,13 +56,12 @@ import tempfile
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import (  # noqa: E402  (shared by the throughput benches)
+    LLMTRAIN_WRAPPER, REPO, TOKENIZER, WORDS, add_shared_args, best_of_rounds, child_env, model_config, param_count,
+    peak_flops_or_none, run_measured, run_trl_child, setup_line, timed_train, write_child_result)
 
-from sft_throughput import (  # noqa: E402  (shared helpers of the SFT benchmark)
-    _LLMTRAIN_WRAPPER, _WORDS, TOKENIZER, _child_env, _param_count, _peak_flops, _run_measured, add_shared_args,
-    best_of_rounds, model_config, setup_line, step_clock, write_child_result)
+sys.path.insert(0, REPO)
 
 VARIANTS = {
     "a": "llmtrain padded",
@@ -92,7 +91,7 @@ def make_preference_jsonl(path: str, n: int, max_seq_len: int, seed: int) -> Non
     """n {"prompt", "chosen", "rejected"} rows; lognormal pair lengths (about 3 tokens per word)."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(mean=np.log(max_seq_len / 6), sigma=1.0, size=n), 16, max_seq_len)
-    text = lambda k: " ".join(rng.choice(_WORDS, size=max(1, int(k))))  # noqa: E731
+    text = lambda k: " ".join(rng.choice(WORDS, size=max(1, int(k))))  # noqa: E731
     with open(path, "w") as f:
         for total in lengths:
             words = max(4, int(total / 3.1) - 6)  # the chat template adds a few tokens per turn
@@ -168,10 +167,10 @@ def run_llmtrain(args, packing: bool, rows: int, recipe: str, pair_lengths: np.n
     name = "packed" if packing else "padded"
     out_dir = os.path.join(work, f"llmtrain-{name}")
     overrides = [f"output_dir={out_dir}", f"data.packing={str(packing).lower()}", f"train.micro_batch_size={rows}"]
-    cmd = [sys.executable, "-c", _LLMTRAIN_WRAPPER, os.path.join(REPO, "launch/dpo.py"), "--recipe", recipe,
+    cmd = [sys.executable, "-c", LLMTRAIN_WRAPPER, os.path.join(REPO, "launch/dpo.py"), "--recipe", recipe,
            *overrides]
     log = os.path.join(work, f"llmtrain-{name}")
-    mem = _run_measured(cmd, _child_env(args), log + ".log", log + ".peak.json")
+    mem = run_measured(cmd, child_env(args), log + ".log", log + ".peak.json")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         steps = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r]
     real = steps[-1]["tokens_seen"] - steps[0]["tokens_seen"]
@@ -211,14 +210,8 @@ def run_trl(args, padding_free: bool, model_dir: str, jsonl: str, work: str) -> 
     spec = {"padding_free": padding_free, "model_dir": model_dir, "data": jsonl, "out": os.path.join(work, f"trl-{name}"),
             "pairs": args.pairs, "max_seq_len": args.max_seq_len, "steps": args.steps, "lr": args.lr,
             "beta": args.beta, "seed": args.seed, "gradient_checkpointing": args.trl_gradient_checkpointing}
-    spec_path = spec["out"] + ".json"
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "trl", "--child-args", spec_path]
-    mem = _run_measured(cmd, _child_env(args), spec_path + ".log", spec_path + ".peak.json")
-    with open(spec["out"] + ".result.json") as f:
-        res = json.load(f)
-    return {**res, **mem, "cmd": f"DPOTrainer(DPOConfig(padding_free={padding_free}), ref_model=None)"}
+    res = run_trl_child(os.path.abspath(__file__), spec, spec["out"] + ".json", args)
+    return {**res, "cmd": f"DPOTrainer(DPOConfig(padding_free={padding_free}), ref_model=None)"}
 
 
 def trl_child(spec_path: str) -> None:
@@ -253,25 +246,11 @@ def trl_child(spec_path: str) -> None:
     if spec["padding_free"] and not result["padding_free_kept"]:
         result["skipped"] = "DPOTrainer turned padding_free off (trl falls back to padding)"
         return write_child_result(spec["out"], False, result)
-    counts = {"real": [], "computed": [], "pairs": []}
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        counts["real"].append(int(batch["attention_mask"].sum()))
-        counts["computed"].append(batch["input_ids"].numel())
-        counts["pairs"].append(len(features))
-        return batch
-
-    trainer.data_collator = counting_collator
-    times = step_clock(trainer, cuda)
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    n = len(times)
-    real, computed = sum(counts["real"][1:n]), sum(counts["computed"][1:n])  # steps 2..N
-    result.update({"real_tokens": real, "seconds": times[-1] - times[0], "padding": 1 - real / computed,
-                   "pairs": sum(counts["pairs"][1:n]), "final_loss": losses[-1] if losses else float("nan"),
-                   "steps": n})
+    r = timed_train(trainer, cuda, lambda features, batch: {"real": int(batch["attention_mask"].sum()),
+                                                            "computed": batch["input_ids"].numel(),
+                                                            "pairs": len(features)})
+    result.update({"real_tokens": r["real"], "seconds": r["seconds"], "padding": 1 - r["real"] / r["computed"],
+                   "pairs": r["pairs"], "final_loss": r["final_loss"], "steps": r["steps"]})
     write_child_result(spec["out"], cuda, result)
 
 
@@ -293,7 +272,7 @@ def main() -> None:
     lengths = llmtrain_pair_lengths(jsonl, args.max_seq_len, args.max_seq_len // 2)
     packed_rows, per_row = packed_rows_for(lengths, args.pairs, args.max_seq_len, args.seed)
     seqs = lengths.reshape(-1)
-    params = _param_count(model_config(args))
+    params = param_count(model_config(args))
     print(f"{setup_line(args)} beta={args.beta} loss=sigmoid reference=frozen copy")
     print(f"pairs={len(lengths)}; sequence (prompt + response) lengths, llmtrain tokenization: lognormal pair "
           f"lengths, mean {seqs.mean():.0f}, median {np.median(seqs):.0f}, p90 {np.percentile(seqs, 90):.0f}, "
@@ -306,7 +285,7 @@ def main() -> None:
         return run_trl(args, key == "d", model_dir, jsonl, work)
 
     results = best_of_rounds(args, VARIANTS, run_one)
-    print_table(results, params, _peak_flops())
+    print_table(results, params, peak_flops_or_none())
 
 
 def print_table(results: dict, params: int, peak: float | None) -> None:

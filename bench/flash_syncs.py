@@ -3,7 +3,7 @@ boundaries llmtrain's collate precomputes (`cu_seq_lens`, `max_segment_len`).
 
   python bench/flash_syncs.py [--arch llama|qwen2|mistral|gpt2] [--layers 4]
 
-Runs on CPU with the pure-PyTorch flash kernels (llmtrain/flash_reference.py) and counts, per
+Runs on CPU with the pure-PyTorch flash kernels (llmtrain/models/flash_reference.py) and counts, per
 forward, every operation that reads a device tensor on the host (Tensor.__bool__/item/tolist/
 __int__/__index__/nonzero: on a GPU each one waits for the device), grouped by where it happens,
 plus the calls of transformers' packed-sequence detectors. The stand-in's own bookkeeping

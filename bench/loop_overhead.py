@@ -41,20 +41,20 @@ def parse_args(argv=None):
 
 def bare_block(run, steps: int) -> float:
     """Seconds per step of the bare loop over the next `steps` steps (data position restored after)."""
-    from llmtrain.train.loop import _to_device
+    from llmtrain.data.protocol import to_device
 
-    engine, task, info, t = run.engine, run.task, run.info, run.cfg.train
+    engine, objective, info, t = run.engine, run.objective, run.info, run.cfg.train
     saved = run.data.state_dict()
     work = []
     for _ in range(steps):
         plan = run.data.next_step()
-        work.append((plan.global_weight, [_to_device(b, info.device) for b in run.data.batches(plan)]))
+        work.append((plan.global_weight, [to_device(b, info.device) for b in run.data.batches(plan)]))
     run.data.load_state_dict(saved)  # the llmtrain block that follows sees the same batches
     scale = t.grad_accum * info.world_size
     start = time.perf_counter()
     for weight, batches in work:
         for batch in batches:
-            loss, _ = task.loss(engine, batch, weight)
+            loss, _ = objective.loss(engine, batch, weight)
             engine.backward(loss * scale)
             engine.step()
     _sync(info.device)
@@ -85,13 +85,13 @@ def main() -> None:
     from llmtrain import distributed as dist
     from llmtrain.config import load_config
     from llmtrain.train.metrics import NullLogger
-    from llmtrain.train.runner import setup
     from llmtrain.objectives import OBJECTIVES
+    from llmtrain.train.runner import setup
 
     out = tempfile.mkdtemp(prefix="bench-loop-")
     cfg = load_config(args.recipe, [*args.overrides, f"output_dir={out}", "train.resume=never", "train.eval_every=0",
                                     "logging.progress=false", "train.max_steps=100000", "data.eval=[]"])
-    run = setup(cfg, TASKS["sft"]())
+    run = setup(cfg, OBJECTIVES["sft"].from_config(cfg))
     run.save_checkpoint = lambda: None  # checkpoints are not per-step work
     run.logger.close()
     run.logger = NullLogger()  # rows are still built (and synced) on log steps; only the file write is skipped

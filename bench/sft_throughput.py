@@ -35,72 +35,22 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import (  # noqa: E402  (shared by the throughput benches)
+    LLMTRAIN_WRAPPER, REPO, TOKENIZER, WORDS, add_shared_args, best_of_rounds, child_env, model_config, param_count,
+    peak_flops_or_none, run_measured, run_trl_child, setup_line, timed_train, write_child_result)
+
 VARIANTS = {
     "a": "llmtrain padded",
     "b": "llmtrain packed",
     "c": "TRL SFTTrainer defaults",
     "d": "TRL packing=True (bfd, padding-free)",
 }
-_WORDS = ("the model data train value result number answer question compute sum of and is a to in for "
-          "with on that this as by from at be are was were can will should would list write code explain").split()
-
-
-def add_shared_args(p: argparse.ArgumentParser) -> None:
-    """Arguments every llmtrain-vs-TRL throughput bench takes (also bench/dpo_throughput.py)."""
-    p.add_argument("--hidden", type=int, default=256, help="hidden size")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (kv heads = heads / 2)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default="abcd", help="subset to run, e.g. bd")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="rounds over all variants (interleaved a,b,c,d,a,b,...); the best tokens/s of each is kept, "
-                        "so a burst of load from other processes does not decide the comparison")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = all cores)")
-    p.add_argument("--workdir", default=None, help="where runs go (default: a temp dir)")
-    p.add_argument("--child", choices=["trl"], help=argparse.SUPPRESS)
-    p.add_argument("--child-args", help=argparse.SUPPRESS)
-
-
-def setup_line(args) -> str:
-    """The first line a throughput bench prints: device, threads, model size, precision, steps, lr."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    params = _param_count(model_config(args))
-    return (f"device={device} threads={args.threads or os.cpu_count()} model=llama hidden={args.hidden} "
-            f"layers={args.layers} heads={args.heads} params={params / 1e6:.2f}M vocab=888 precision="
-            f"{'bf16' if device == 'cuda' else 'fp32'} steps={args.steps} (timed: 2..{args.steps}) lr={args.lr}")
-
-
-def best_of_rounds(args, names: dict[str, str], run_one) -> dict[str, dict]:
-    """Run every variant args.repeats times, interleaved; keep each one's fastest run (real tokens/s).
-    run_one(key) -> {"real_tokens", "seconds", ...} or {"skipped": reason}."""
-    results: dict[str, dict] = {}
-    for rnd in range(args.repeats):
-        for key in args.variants:
-            start = time.perf_counter()
-            r = run_one(key)
-            if "skipped" in r:
-                print(f"  round {rnd + 1} ({key}) {names[key]}: skipped: {r['skipped']}", flush=True)
-                continue
-            rate = r["real_tokens"] / r["seconds"]
-            print(f"  round {rnd + 1} ({key}) {names[key]}: {rate:,.0f} real tokens/s, "
-                  f"{time.perf_counter() - start:.0f}s wall" + (f"; {r['cmd']}" if "cmd" in r else ""), flush=True)
-            best = results.get(key)
-            if best is None or rate > best["real_tokens"] / best["seconds"]:
-                results[key] = r
-    print(f"best of {args.repeats} round(s) per variant:")
-    return results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +74,7 @@ def make_chat_jsonl(path: str, n: int, max_seq_len: int, seed: int) -> None:
         for total in lengths:
             words = max(4, int(total / 3.1) - 4)  # chat template adds a few tokens
             prompt_words = max(1, int(words * rng.uniform(0.2, 0.5)))
-            text = lambda k: " ".join(rng.choice(_WORDS, size=k))  # noqa: E731
+            text = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
             f.write(json.dumps({"messages": [{"role": "user", "content": text(prompt_words)},
                                              {"role": "assistant", "content": text(words - prompt_words)}]}) + "\n")
 
@@ -151,52 +101,6 @@ def tokenize_like_llmtrain(jsonl: str, max_seq_len: int):
 # --------------------------------------------------------------------------- runs
 
 
-def model_config(args) -> dict:
-    return {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": int(args.hidden * 8 / 3) // 8 * 8,
-            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-            "num_key_value_heads": max(1, args.heads // 2), "max_position_embeddings": args.max_seq_len,
-            "tie_word_embeddings": False}
-
-
-def _child_env(args) -> dict:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    threads = args.threads or os.cpu_count() or 1
-    env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _run_measured(cmd: list[str], env: dict, log_path: str, peak_json: str) -> dict:
-    """Run cmd; peak RSS of that process from wait4 (CPU); GPU peak from the JSON the child writes."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, "BENCH_PEAK_JSON": peak_json},
-                                cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = f.read()[-4000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-    out = {"peak_rss_bytes": usage.ru_maxrss * 1024}
-    if os.path.exists(peak_json):
-        with open(peak_json) as f:
-            out.update(json.load(f))
-    return out
-
-
-# run inside the llmtrain child: the real entry point (launch/sft.py) via runpy, plus a GPU peak report
-_LLMTRAIN_WRAPPER = """
-import atexit, json, os, runpy, sys
-def _peak():
-    import torch
-    if torch.cuda.is_available():
-        with open(os.environ["BENCH_PEAK_JSON"], "w") as f:
-            json.dump({"cuda_peak_bytes": torch.cuda.max_memory_allocated()}, f)
-atexit.register(_peak)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def run_llmtrain(args, packing: bool, rows: int, jsonl: str, work: str) -> dict:
     import yaml
 
@@ -214,8 +118,8 @@ def run_llmtrain(args, packing: bool, rows: int, jsonl: str, work: str) -> dict:
     path = os.path.join(work, f"llmtrain-{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
-    cmd = [sys.executable, "-c", _LLMTRAIN_WRAPPER, os.path.join(REPO, "launch/sft.py"), "--recipe", path]
-    mem = _run_measured(cmd, _child_env(args), path + ".log", path + ".peak.json")
+    cmd = [sys.executable, "-c", LLMTRAIN_WRAPPER, os.path.join(REPO, "launch/sft.py"), "--recipe", path]
+    mem = run_measured(cmd, child_env(args), path + ".log", path + ".peak.json")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     steps = [r for r in metrics if "loss" in r]
@@ -251,15 +155,8 @@ def run_trl(args, packing: bool, rows: int, samples_path: str, work: str) -> dic
     spec = {"packing": packing, "rows": rows, "samples": samples_path, "out": os.path.join(work, f"trl-{name}"),
             "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "max_seq_len": args.max_seq_len,
             "steps": args.steps, "lr": args.lr, "seed": args.seed}
-    spec_path = os.path.join(work, f"trl-{name}.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    result_path = spec["out"] + ".result.json"
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "trl", "--child-args", spec_path]
-    mem = _run_measured(cmd, _child_env(args), spec_path + ".log", spec_path + ".peak.json")
-    with open(result_path) as f:
-        res = json.load(f)
-    return {**res, **mem, "cmd": f"SFTTrainer(SFTConfig(packing={packing}{', packing_strategy=bfd' if packing else ''}))"}
+    res = run_trl_child(os.path.abspath(__file__), spec, os.path.join(work, f"trl-{name}.json"), args)
+    return {**res, "cmd": f"SFTTrainer(SFTConfig(packing={packing}{', packing_strategy=bfd' if packing else ''}))"}
 
 
 def trl_child(spec_path: str) -> None:
@@ -293,64 +190,14 @@ def trl_child(spec_path: str) -> None:
         use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
-    counts = {"real": [], "computed": []}
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        counts["real"].append(sum(len(f["input_ids"]) for f in features))
-        counts["computed"].append(batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting_collator
-    times = step_clock(trainer, cuda)
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    n = len(times)
-    real, computed = sum(counts["real"][1:n]), sum(counts["computed"][1:n])  # steps 2..N
-    write_child_result(spec["out"], cuda, {"real_tokens": real, "seconds": times[-1] - times[0],
-                                           "padding": 1 - real / computed,
-                                           "final_loss": losses[-1] if losses else float("nan"), "steps": n})
-
-
-def step_clock(trainer, cuda: bool) -> list[float]:
-    """perf_counter() at the end of every optimizer step (after a CUDA sync), appended to the returned list."""
-    import torch
-    from transformers import TrainerCallback
-
-    stamps: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-    trainer.add_callback(StepClock())
-    return stamps
-
-
-def write_child_result(out: str, cuda: bool, result: dict) -> None:
-    """A TRL child's figures for the parent: <out>.result.json, and the CUDA peak where there is one."""
-    with open(out + ".result.json", "w") as f:
-        json.dump(result, f)
-    if cuda:
-        import torch
-
-        with open(os.environ["BENCH_PEAK_JSON"], "w") as f:
-            json.dump({"cuda_peak_bytes": torch.cuda.max_memory_allocated()}, f)
+    r = timed_train(trainer, cuda, lambda features, batch: {"real": sum(len(f["input_ids"]) for f in features),
+                                                            "computed": batch["input_ids"].numel()})
+    write_child_result(spec["out"], cuda, {"real_tokens": r["real"], "seconds": r["seconds"],
+                                           "padding": 1 - r["real"] / r["computed"], "final_loss": r["final_loss"],
+                                           "steps": r["steps"]})
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _peak_flops() -> float | None:
-    sys.path.insert(0, REPO)
-    import torch
-
-    from llmtrain.train.flops import peak_flops
-
-    return peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
 
 
 def main() -> None:
@@ -371,7 +218,7 @@ def main() -> None:
         for ids, labels in seqs:
             f.write(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist()}) + "\n")
     packed_rows = max(1, math.ceil(args.global_batch * lengths.mean() / args.max_seq_len))
-    params = _param_count(model_config(args))
+    params = param_count(model_config(args))
     print(setup_line(args))
     print(f"samples={len(seqs)} lengths: lognormal(median={args.max_seq_len // 6}, sigma=1.0) clipped to "
           f"[16, {args.max_seq_len}] -> mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, "
@@ -387,14 +234,7 @@ def main() -> None:
             return run_trl(args, False, args.global_batch, samples_path, work)
         return run_trl(args, True, packed_rows, samples_path, work)
 
-    _print_table(best_of_rounds(args, VARIANTS, run_one), params, _peak_flops())
-
-
-def _param_count(cfg: dict) -> int:
-    h, L, i = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
-    return L * per_layer + 2 * 888 * h + h
+    _print_table(best_of_rounds(args, VARIANTS, run_one), params, peak_flops_or_none())
 
 
 def _print_table(results: dict, params: int, peak: float | None) -> None:

@@ -13,12 +13,12 @@ echo "== mask preview (trained tokens in [[ ]]) =="
 python launch/inspect_data.py --recipe recipes/debug/sft.yaml -n 1
 echo "== SFT =="
 python launch/sft.py --recipe recipes/debug/sft.yaml train.resume=never overwrite_output_dir=true
-python scripts/demo_eval.py --recipe recipes/debug/sft.yaml
+python examples/demo_eval.py --recipe recipes/debug/sft.yaml
 echo "== preference pairs: the SFT model's own mistakes are the rejected answers =="
-python scripts/make_dpo_pairs.py --model runs/debug-sft/final --source data/demo/dpo_train.jsonl \
+python examples/make_dpo_pairs.py --model runs/debug-sft/final --source data/demo/dpo_train.jsonl \
     --out runs/debug-sft/onpolicy_pairs.jsonl --overwrite
 echo "== DPO (starts from runs/debug-sft/final) =="
 python launch/dpo.py --recipe recipes/debug/dpo.yaml train.resume=never overwrite_output_dir=true
-python scripts/demo_eval.py --recipe recipes/debug/dpo.yaml
+python examples/demo_eval.py --recipe recipes/debug/dpo.yaml
 echo
 echo "demo took $(( $(date +%s) - start ))s.  Chat with the model:  . .venv/bin/activate && python launch/chat.py runs/debug-dpo/final"

@@ -1,6 +1,6 @@
 """Demo scoring: held-out exact-match accuracy of the untrained vs the trained model.
 
-  python scripts/demo_eval.py --recipe recipes/debug/sft.yaml [--limit 200]
+  python examples/demo_eval.py --recipe recipes/debug/sft.yaml [--limit 200]
 "Before" is the model training started from: the recipe's model at initialisation (same seed)
 when it is built from `model.config`, else `model.name_or_path` (e.g. the SFT model a DPO run
 starts from); "after" is <output_dir>/final. For DPO runs the held-out reward accuracy at the
@@ -14,7 +14,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Generate the project's tokenizer and demo data into fixed paths. Deterministic and idempotent:
 a re-run rewrites byte-identical files.
 
-    python scripts/make_assets.py
+    python examples/make_assets.py
 
 Writes:
   assets/tokenizer/                  byte-level BPE, vocab 1024, ChatML template (< 1 MB)
@@ -21,14 +21,16 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without install
 
-from llmtrain import synth  # noqa: E402
-from llmtrain.tokenizer_train import tokenizer_hash, train_bpe_tokenizer  # noqa: E402
+import synth  # noqa: E402  (examples/synth.py, beside this script)
+from llmtrain.data.tokenizer_id import tokenizer_hash  # noqa: E402
+from llmtrain.tools.tokenizer_train import train_bpe_tokenizer  # noqa: E402
 
 TOKENIZER_VOCAB_SIZE = 1024  # total ids incl. 3 special tokens and 256 byte symbols
 SFT_TRAIN_ROWS = 10000
 SFT_EVAL_ROWS = 200
 DPO_TRAIN_ROWS = 2000
 DPO_EVAL_ROWS = 200
+RL_TRAIN_ROWS = 2000
 PRETRAIN_SHARDS = 3
 PRETRAIN_DOCS_PER_SHARD = 1500  # ~0.4 MB of text per shard
 PRETRAIN_EVAL_DOCS = 200
@@ -64,6 +66,7 @@ def main() -> None:
     synth.write_jsonl(synth.sft_reverse(SFT_TRAIN_ROWS, seed=SEED), os.path.join(demo, "sft_train.jsonl"))
     synth.write_jsonl(synth.sft_reverse(SFT_EVAL_ROWS, seed=SEED, split="eval"), os.path.join(demo, "sft_eval.jsonl"))
     synth.write_jsonl(synth.dpo_reverse_pairs(DPO_TRAIN_ROWS, seed=SEED), os.path.join(demo, "dpo_train.jsonl"))
+    synth.write_jsonl(synth.rl_reverse_prompts(RL_TRAIN_ROWS, seed=SEED), os.path.join(demo, "rl_train.jsonl"))
     synth.write_jsonl(synth.dpo_reverse_pairs(DPO_EVAL_ROWS, seed=SEED, split="eval"),
                       os.path.join(demo, "dpo_eval.jsonl"))
 

@@ -1,6 +1,6 @@
 """On-policy preference pairs for the demo: the model's own mistakes become the rejected answers.
 
-  python scripts/make_dpo_pairs.py --model runs/debug-sft/final --source data/demo/dpo_train.jsonl \
+  python examples/make_dpo_pairs.py --model runs/debug-sft/final --source data/demo/dpo_train.jsonl \
       --out runs/debug-sft/onpolicy_pairs.jsonl [--samples 4] [--temperature 1.0] [--overwrite]
 
 For every prompt in --source (preference rows; the chosen answer is the gold one, checked by exact

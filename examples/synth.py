@@ -384,6 +384,18 @@ def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return rows
 
 
+def rl_reverse_prompts(n: int, seed: int = 0) -> list[dict]:
+    """Prompts for online RL on the reversal task: a single user turn on a *train* digit string and its
+    gold `answer` (the exact-match verifier's column); never an eval number."""
+    rng = random.Random(f"rl_reverse:{seed}")
+    rows = []
+    for _ in range(n):
+        x = _digit_string(rng, "train")
+        rows.append({"messages": [{"role": "user", "content": rng.choice(REVERSE_TEMPLATES).format(x=x)}],
+                     "answer": x[::-1]})
+    return rows
+
+
 def wrong_reversal(x: str, rng: random.Random) -> str:
     """A plausible mistake: the digits unreversed, two digits swapped, or one dropped."""
     right = x[::-1]

@@ -16,6 +16,7 @@ TOOLS = {
     "prepare": ("prepare", "tokenize a recipe's data once, before training, where the run looks for it"),
     "plan": ("plan", "per-GPU memory of a recipe under ZeRO 0-3 (+offload) and what fits"),
     "inspect": ("inspect_data", "mask preview: a recipe's samples with their trained tokens highlighted"),
+    "score": ("score", "print a reward model's rewards for a preference or conversation file"),
     "chat": ("chat", "chat with a trained model directory in the terminal"),
     "export": ("export", "merge a LoRA adapter into its base model (full safetensors directory)"),
     "preflight": ("preflight", "rank table, cross-rank consistency checks and a bandwidth probe (any launcher)"),

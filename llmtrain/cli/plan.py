@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Optional
 
-from ..config import load_config
+from ..config import check_produced_inputs, load_config
 from ..errors import ConfigError, LlmtrainError
 from ..tools.memory_plan import report as memory_report
 from .common import report
@@ -31,6 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.gpus < 1 or args.gpu_mem_gib <= 0:
             raise ConfigError("--gpus must be >= 1 and --gpu-mem-gib > 0")
         cfg = load_config(args.recipe, args.overrides)
+        check_produced_inputs(cfg)  # an input another command makes: one line naming it
         cfg_path = args.model_config
         if cfg_path and os.path.isdir(cfg_path):
             cfg_path = os.path.join(cfg_path, "config.json")

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Optional
 
-from ..config import load_config
+from ..config import check_produced_inputs, load_config
 from ..data.protocol import DataContext
 from ..data.shards.recipe import PrepareOptions
 from ..data.tokenizer_id import tokenizer_hash
@@ -46,6 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
+        check_produced_inputs(cfg)  # an input another command makes: one line naming it
         tokenizer = load_tokenizer(cfg.model)  # exactly as training loads it, so the hashes match
         ctx = DataContext.of(cfg, tokenizer, None, tokenizer_hash(tokenizer))
         opts = PrepareOptions(args.workers, args.docs_per_shard, args.tokens_per_shard, progress=cfg.logging.progress)

@@ -70,7 +70,9 @@ class DataConfig(Section):
     cache_dir: Optional[str] = None  # prepared data; default output_dir/cache; content-keyed, safe to share between runs
     prepare_workers: int = 0  # tokenizer processes per rank (0 = this rank's share of the node's CPUs)
     prepare_chunk_rows: int = 4096  # most rows per chunk (the unit of parallel work, resume and atomic writes)
-    prepare_timeout_minutes: float = 240.0  # how long a rank waits for chunks other ranks are preparing
+    # total cap on a rank's wait for chunks other (live) ranks are preparing; 0 = no cap; a rank that died
+    # holding chunks is caught sooner, by dist.stale_minutes
+    prepare_timeout_minutes: float = 1440.0
 
 
 @dataclass
@@ -126,9 +128,13 @@ class LoggingConfig(Section):
 @dataclass
 class DistConfig(Section):
     timeout_minutes: float = 30.0  # collective-operation timeout: a missing rank fails instead of hanging
-    # how long ranks wait for one rank's file work outside any collective (universal-checkpoint conversion,
-    # final/ export and LoRA merge) before failing with one line; hours: these scale with the model size
-    wait_minutes: float = 240.0
+    # total cap on a wait, outside any collective, for one rank's file work (universal-checkpoint conversion,
+    # final/ export and LoRA merge) while that rank is alive; 0 = no cap. 24 h: ~5x a 70B conversion at the
+    # README's measured ~50 MiB/s (840 GB in ~4.5 h); a dead worker is caught by stale_minutes instead
+    wait_minutes: float = 1440.0
+    # a waiting rank fails (one line naming the silent rank and host) once a working rank's heartbeat file
+    # has not moved for this long (it beats every min(30 s, stale_minutes/5)); keep it well above NFS's ~1 min cache
+    stale_minutes: float = 10.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 
@@ -161,6 +167,41 @@ class DPOConfig(Section):
 
 
 @dataclass
+class RLConfig(Section):
+    """Online RL (`llmtrain rl`): rollouts from the policy, rewards, advantages, clipped policy loss."""
+
+    advantage: Literal["grpo", "rloo"] = "grpo"  # grpo: (r - group mean) / group std; rloo: leave-one-out baseline
+    scale_std: bool = True  # grpo: divide by the group std (false = Dr. GRPO: r - group mean)
+    std_eps: float = 1.0e-4  # added to the group std (TRL 1e-4)
+    num_generations: int = 8  # samples per prompt (G); all of a prompt's samples are on one rank
+    prompts_per_step: int = 16  # prompts per rollout, all ranks (a multiple of world size x mini_batches)
+    temperature: float = 1.0  # sampling temperature of rollouts (eval is greedy)
+    top_p: float = 1.0  # nucleus sampling of rollouts (1 = off)
+    max_new_tokens: int = 64  # completion budget in tokens (a completion without a stop token is truncated)
+    ppo_epochs: int = 1  # passes over each rollout; a rollout lasts ppo_epochs x mini_batches optimizer steps
+    mini_batches: int = 1  # optimizer steps per pass; each takes 1/mini_batches of the rollout's prompts
+    clip_low: float = 0.2  # ratio clip lower bound 1 - clip_low
+    clip_high: float = 0.28  # ratio clip upper bound 1 + clip_high (DAPO clip-higher)
+    kl_coef: float = 0.0  # KL to the reference model (0 = no reference model)
+    kl_type: Literal["k3", "k1"] = "k3"  # k3: loss term per token (GRPO); k1: penalty subtracted from the reward
+    reward_fns: list = field(default_factory=list)  # `module:function` names, called (prompts, completions, **columns)
+    reward_weights: list = field(default_factory=list)  # one weight per reward function (default: all 1)
+    reward_model: Optional[str] = None  # a reward-model directory (launch/reward.py final/), added with weight 1
+    generation_backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate on the engine; vllm: (GPU) vLLM engine
+    zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
+    generation_batch_size: int = 64  # sequences per generate call on each rank
+
+
+@dataclass
+class RewardConfig(Section):
+    # Bradley-Terry reward model (llmtrain reward): loss -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+    center_coef: float = 0.0  # reward centering (Eisenstein 2023: 0.01): keeps rewards near 0 (0 = off)
+    # per-pair margin m (Llama 2): the column of each preference row holding it (e.g. margin); absent: m = 0
+    margin_column: Optional[str] = None
+    zero_head: bool = True  # start the score head at 0: every reward 0, first loss ln 2 (false: HF's normal init)
+
+
+@dataclass
 class LoraConfig(Section):
     enabled: bool = False  # train LoRA adapters on a frozen base (any task); only adapter params get optimizer state
     r: int = 16  # adapter rank: trainable params per adapted matrix = r x (in + out features)
@@ -179,6 +220,10 @@ class LoraConfig(Section):
 class Config(Section):
     output_dir: str = "runs/default"  # where everything of a run goes
     overwrite_output_dir: bool = False  # allow reusing an output_dir holding another run (train.resume=never)
+    # inputs made by another command, {path: that command}: while the recipe still uses a path (as
+    # model.name_or_path, model.tokenizer or a data source) that does not exist, loading fails with one
+    # line naming the command (e.g. the SFT run whose final/ a DPO recipe starts from)
+    produced_by: dict = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -186,6 +231,8 @@ class Config(Section):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # one-line notices about values adjusted while loading (printed once by rank 0 at startup)

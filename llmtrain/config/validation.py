@@ -47,14 +47,17 @@ def validate(cfg: Config) -> None:
     _require(bool(d.train), cfg, "data.train", "is empty; list at least one training file or dataset")
     _require(_is_iso_date(d.template_date), cfg, "data.template_date", "must be a date as YYYY-MM-DD")
     _require(cfg.dist.timeout_minutes > 0, cfg, "dist.timeout_minutes", "must be > 0")
-    _require(cfg.dist.wait_minutes > 0, cfg, "dist.wait_minutes", "must be > 0")
+    _require(cfg.dist.wait_minutes >= 0, cfg, "dist.wait_minutes", "must be >= 0 (0 = no cap)")
+    _require(cfg.dist.stale_minutes > 0, cfg, "dist.stale_minutes", "must be > 0")
     _require(d.prepare_workers >= 0, cfg, "data.prepare_workers", "must be >= 0 (0 = automatic)")
     _require(d.prepare_chunk_rows >= 1, cfg, "data.prepare_chunk_rows", "must be >= 1")
-    _require(d.prepare_timeout_minutes > 0, cfg, "data.prepare_timeout_minutes", "must be > 0")
+    _require(d.prepare_timeout_minutes >= 0, cfg, "data.prepare_timeout_minutes", "must be >= 0 (0 = no cap)")
     _require(cfg.dpo.beta > 0, cfg, "dpo.beta", "must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, cfg, "dpo.label_smoothing", "must be in [0, 0.5)")
     _require(cfg.dpo.nll_weight >= 0, cfg, "dpo.nll_weight", "must be >= 0")
+    _require(cfg.reward.center_coef >= 0, cfg, "reward.center_coef", "must be >= 0 (0 = no centering)")
     _validate_lora(cfg)
+    _validate_rl(cfg)
     _validate_parallel(cfg)
     m = cfg.model
     if (m.name_or_path is None) == (m.config is None):
@@ -68,6 +71,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.where('model.config')}: a model built from model.config needs model.tokenizer (a tokenizer directory)")
     if ".." in os.path.normpath(cfg.output_dir).split(os.sep):
         raise ConfigError(f"{cfg.where('output_dir')}: output_dir={cfg.output_dir!r} must not climb out with '..'")
+
+
+def check_produced_inputs(cfg: Config) -> None:
+    """A produced_by input the recipe still uses and that is missing: one line naming the command that
+    makes it. Called by the commands that read the inputs (training, prepare, inspect, plan) before
+    any model, tokenizer or data loading would say only "not found"; not at load time, so that a
+    recipe can be loaded and checked before its inputs exist."""
+    d = cfg.data
+    used = [cfg.model.name_or_path, cfg.model.tokenizer]
+    used += [e if isinstance(e, str) else e.get("path") for e in [*d.train, *d.eval] if isinstance(e, (str, dict))]
+    used_paths = {os.path.normpath(p) for p in used if isinstance(p, str)}
+    for path, command in cfg.produced_by.items():
+        if os.path.normpath(str(path)) in used_paths and not os.path.exists(os.path.expanduser(str(path))):
+            raise ConfigError(f"{cfg.where('produced_by')}: {path} does not exist yet; it is made by `{command}`: "
+                              "run that first")
 
 
 def _is_iso_date(text: str) -> bool:
@@ -133,3 +151,28 @@ def _validate_lora(cfg: Config) -> None:
     if cfg.model.name_or_path is None:
         raise ConfigError(f"{cfg.where('lora.enabled')}: lora.enabled=true needs a pretrained base in model.name_or_path "
                           "(a model built from model.config has random weights that final/ would not hold)")
+
+
+def _validate_rl(cfg: Config) -> None:
+    """rl.* values; the batch-shape rule that needs the world size is checked by objectives/rl when the run starts."""
+    r = cfg.rl
+    _require(r.num_generations >= 1, cfg, "rl.num_generations", "must be >= 1")
+    if r.advantage in ("grpo", "rloo"):
+        _require(r.num_generations >= 2, cfg, "rl.num_generations", f"must be >= 2 for rl.advantage={r.advantage} "
+                 "(group baselines compare samples of one prompt)")
+    _require(r.prompts_per_step >= 1, cfg, "rl.prompts_per_step", "must be >= 1")
+    _require(r.temperature > 0, cfg, "rl.temperature", "must be > 0")
+    _require(0 < r.top_p <= 1, cfg, "rl.top_p", "must be in (0, 1]")
+    _require(r.max_new_tokens >= 1, cfg, "rl.max_new_tokens", "must be >= 1")
+    _require(r.ppo_epochs >= 1, cfg, "rl.ppo_epochs", "must be >= 1")
+    _require(r.mini_batches >= 1, cfg, "rl.mini_batches", "must be >= 1")
+    _require(0 <= r.clip_low < 1, cfg, "rl.clip_low", "must be in [0, 1)")
+    _require(r.clip_high >= 0, cfg, "rl.clip_high", "must be >= 0")
+    _require(r.kl_coef >= 0, cfg, "rl.kl_coef", "must be >= 0 (0 = no reference model)")
+    _require(r.std_eps >= 0, cfg, "rl.std_eps", "must be >= 0")
+    _require(r.generation_batch_size >= 1, cfg, "rl.generation_batch_size", "must be >= 1")
+    ok = all(isinstance(f, str) and f.count(":") == 1 and all(f.split(":")) for f in r.reward_fns)
+    _require(ok, cfg, "rl.reward_fns", "must be a list of `module:function` names")
+    if r.reward_weights:
+        _require(len(r.reward_weights) == len(r.reward_fns), cfg, "rl.reward_weights",
+                 f"must have one weight per rl.reward_fns entry ({len(r.reward_fns)})")

@@ -12,7 +12,7 @@ So the whole data position is one integer (rows consumed), every rank knows the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -112,6 +112,7 @@ class StepPlan:
     global_weight: int  # normaliser of the step's loss: target tokens (SFT) or pairs (DPO), all ranks
     global_tokens: int  # real (non-padding) tokens of the step, all ranks
     epoch: float  # fractional epoch reached, for logs
+    metrics: dict = field(default_factory=dict)  # global figures of the step's data (RL: rollout metrics), logged as is
 
 
 class BatchPlanner:
@@ -145,18 +146,48 @@ class BatchPlanner:
         self.rows_consumed = int(state["rows_consumed"])
 
 
+class EvalBatches:
+    """Every eval unit exactly once, in file order, rows dealt round-robin to ranks: this rank's
+    micro-batches, each a list of rows (lists of unit ids), built when indexed. Holds one numpy array
+    of row boundaries (8 bytes per row), never the Python lists of a whole split: DPO's reference
+    precompute walks the whole train split this way, on every rank.
+
+    Every rank has the same number of micro-batches (ZeRO-3 gathers are collective): a rank with
+    fewer rows gets empty ones at the end."""
+
+    def __init__(self, lengths: np.ndarray, packing: bool, max_len: int, micro_batch_size: int, world_size: int,
+                 rank: int, max_batches: int = 0):
+        n = len(lengths)
+        self.bounds = next_fit_bounds(np.asarray(lengths), max_len) if packing else np.arange(n + 1, dtype=np.int64)
+        self.n_rows, self.mbs, self.world, self.rank = len(self.bounds) - 1, micro_batch_size, world_size, rank
+        self.mine = len(range(rank, self.n_rows, world_size))  # rows dealt to this rank
+        n_batches = -(-(-(-self.n_rows // world_size)) // micro_batch_size)
+        self.n_batches = min(n_batches, max_batches) if max_batches else n_batches
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, b: int) -> list[list[int]]:
+        if not 0 <= b < self.n_batches:
+            raise IndexError(b)
+        local = range(b * self.mbs, min((b + 1) * self.mbs, self.mine))
+        rows = [self.rank + self.world * k for k in local]  # global row ids
+        return [list(range(int(self.bounds[r]), int(self.bounds[r + 1]))) for r in rows]
+
+    def __iter__(self):
+        for b in range(self.n_batches):
+            yield self[b]
+
+    def units_evaluated(self) -> int:
+        """Units [0, this) are what all ranks together evaluate (all of them without max_batches)."""
+        rows = min(self.n_rows, self.n_batches * self.mbs * self.world)
+        return int(self.bounds[rows])
+
+
 def eval_micro_batches(lengths: np.ndarray, packing: bool, max_len: int, micro_batch_size: int, world_size: int,
-                       rank: int, max_batches: int = 0) -> list[list[list[int]]]:
-    """Every eval unit exactly once, in file order, rows dealt round-robin to ranks."""
-    stream = RowStream(lengths, seed=0, packing=packing, max_len=max_len, shuffle=False)
-    rows = stream.epoch_rows(0)
-    mine = rows[rank::world_size]
-    batches = [mine[i: i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    # every rank must run the same number of forwards (ZeRO-3 gathers are collective)
-    n = -(-len(rows) // world_size)
-    n = -(-n // micro_batch_size)
-    batches += [[] for _ in range(n - len(batches))]
-    return batches[:max_batches] if max_batches else batches
+                       rank: int, max_batches: int = 0) -> EvalBatches:
+    """This rank's eval micro-batches (see EvalBatches)."""
+    return EvalBatches(lengths, packing, max_len, micro_batch_size, world_size, rank, max_batches)
 
 
 def collate_sequences(seqs: list[list[tuple[np.ndarray, np.ndarray]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ bad row with its reason), whatever the template does with it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from .chat_base import DEFAULT_OPTIONS, ChatOptions, RowError  # noqa: F401  (re-exported: the chat API)
 
 MASK_VERSION = 2  # bump when masks change for the same rows and template: keys the tokenization cache
 
@@ -28,21 +28,6 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "observation": "tool", "tool": "tool", "function_call": "assistant"}
 _ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-
-
-class RowError(ValueError):
-    """This one row is malformed: skipped and counted with its file:line."""
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    """How conversations are rendered and masked (DataConfig.train_reasoning / template_date)."""
-
-    train_reasoning: bool = True  # train an assistant turn's reasoning (where the template renders it)
-    template_date: str = "2024-07-26"  # the "today" that date-printing templates render (Llama 3.x, gpt-oss)
-
-
-DEFAULT_OPTIONS = ChatOptions()
 
 
 def chat_options(data_cfg) -> ChatOptions:

@@ -7,7 +7,9 @@ Differences from calling `tokenizer.apply_chat_template` per render, each on pur
   * a template exception (Gemma's "System role not supported", an unsupported tool call, ...)
     is that row's RowError, never a traceback;
   * a template that rejects a system message gets it folded into the first user turn
-    ("{system}\\n\\n{user}", what Gemma 3's own template and Google's Gemma docs do);
+    ("{system}\\n\\n{user}", what Gemma 3's own template and Google's Gemma docs do); whether a
+    template rejects one is probed once per template on a fixed conversation, never learned from
+    earlier rows (which would make a row's mask depend on the rows its process saw before);
   * the compiled template is called directly: `apply_chat_template` costs ~5x the render itself
     in input normalisation, and a row needs 1 + 2 x turns renders.
 Messages reach the template as transformers passes them: None-valued keys dropped, reasoning under
@@ -20,10 +22,11 @@ import re
 from functools import partial
 from typing import Optional
 
-from .chat import ChatOptions, RowError
+from .chat_base import ChatOptions, RowError
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_FOLDS_SYSTEM: dict[str, bool] = {}  # template -> it rejects a system message (learned per process)
+_FOLDS_SYSTEM: dict[str, bool] = {}  # template -> it rejects a system message (probed once, see _folds_system)
+_PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
 _HAS_MARKERS: dict[str, bool] = {}  # template -> it has {% generation %} blocks
 
 
@@ -93,11 +96,11 @@ class Renderer:
         """The messages as rendered (system folded where the template rejects it), their full render, and
         the template's {% generation %} spans (None for a template without markers)."""
         view = template_view(messages)
-        if _FOLDS_SYSTEM.get(self.template) and (folded := fold_system(view)) is not None:
+        if self._folds_system() and (folded := fold_system(view)) is not None:
             return (folded, *self._full(folded))
         try:
             return (view, *self._full(view))
-        except RowError as first_error:
+        except RowError as first_error:  # this row's own content: folding is tried for this row alone
             folded = fold_system(view)
             if folded is None:
                 raise
@@ -105,8 +108,23 @@ class Renderer:
                 rendered = self._full(folded)
             except RowError:
                 raise first_error from None
-            _FOLDS_SYSTEM[self.template] = True
             return (folded, *rendered)
+
+    def _folds_system(self) -> bool:
+        """The template rejects [system, user, assistant] and renders it folded (Gemma 2): fold every
+        row's system message. A pure function of the template, so any worker decides alike."""
+        if self.template not in _FOLDS_SYSTEM:
+            try:
+                self._full(template_view(_PROBE))
+                folds = False
+            except RowError:
+                try:
+                    self._full(fold_system(template_view(_PROBE)))
+                    folds = True
+                except RowError:
+                    folds = False
+            _FOLDS_SYSTEM[self.template] = folds
+        return _FOLDS_SYSTEM[self.template]
 
     def _full(self, view: list[dict]) -> tuple[str, Optional[list]]:
         if self.has_generation_markers:

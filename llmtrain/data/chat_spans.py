@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from .chat import RowError
+from .chat_base import RowError
 from .labels import IGNORE_INDEX
 
 _PROBES = ("\ue000", "\ue001", "\ue002")  # private-use characters: no template rewrites them

@@ -1,23 +1,24 @@
 """Coordination of ranks that prepare data together, without collectives.
 
 A counter in the rendezvous store hands out work items once each; a storage id tells which ranks
-see the same files; `wait_for` polls for a file another rank writes, with its own timeout and a
-message saying what it waits for. (A general "wait for a file one rank writes" helper is being
-written on the ckpt branch; this is the minimal one preparation needs.)
+see the same files; `wait_for` polls for a file another rank writes, through llmtrain.distributed.waiting's
+polling (backoff to 5 s, the WaitError family of one-line errors) with the preparation's own cap
+(data.prepare_timeout_minutes) and a message saying what it waits for; with a `Liveness` it also
+fails, within dist.stale_minutes, when a rank that holds work stopped beating (waiting.Heartbeat).
 """
 from __future__ import annotations
 
 import os
 import socket
 import sys
-import time
 import uuid
-from typing import Callable
+from typing import Callable, Optional
 
-from .sources import DataError
+from ..distributed import waiting
 
 STORAGE_ID_NAME = "storage-id"
-POLL_S = 0.5  # how often a waiting rank looks for the files it waits for
+POLL_S = 0.05  # first poll interval of a waiting rank; it grows by half each poll up to max_poll_s
+MAX_POLL_S = 2.0  # (backoff: quick when the wait is short, a few stats per second at most when it is long)
 SAY_EVERY_S = 60.0  # how often a waiting rank says what it waits for
 
 
@@ -43,7 +44,10 @@ class ChunkCounter:
         if self.store is None:
             self._local[what] = self._local.get(what, -1) + 1
             return self._local[what]
-        return int(self.store.add(f"{self.name}/{what}", 1)) - 1
+        try:
+            return int(self.store.add(f"{self.name}/{what}", 1)) - 1
+        except (RuntimeError, OSError) as e:  # DistNetworkError/DistStoreError: the store's process is gone
+            raise _store_gone(e) from None
 
     def launch_token(self) -> str:
         """An id every process of this launch agrees on (the first to ask sets it)."""
@@ -51,6 +55,18 @@ class ChunkCounter:
         if self.store is None:
             return self._local.setdefault("token", mine)
         return self.store.compare_set("llmtrain-prepare/launch", "", mine).decode()
+
+
+def _store_gone(e: BaseException) -> waiting.WorkerGone:
+    """The rendezvous store lives in rank 0's process (torchrun: in its agent): when it stops answering,
+    rank 0 (or its node) is gone; rank 1 speaks for the others."""
+    import torch.distributed as tdist
+
+    rank = tdist.get_rank() if tdist.is_initialized() else -1
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return waiting.WorkerGone(f"rank {rank} (host {socket.gethostname()}): the rendezvous store at {where} (served by "
+                              f"rank 0's process) stopped answering while preparing data ({waiting.one_line(e)[:200]}); "
+                              "rank 0 died (see its log) or its node is unreachable", speaker=rank == 1)
 
 
 def storage_id(directory: str) -> str:
@@ -76,29 +92,34 @@ def storage_id(directory: str) -> str:
 
 
 def wait_for(ready: Callable[[], object], what: Callable[[], str], timeout_s: float, fail: Callable[[], None],
-             rank: int) -> object:
-    """Poll `ready()` until it returns something truthy; every SAY_EVERY_S say `what()`; call `fail()`
-    (which raises when the wait must end early, e.g. another rank failed) each poll.
+             rank: int, liveness: Optional[waiting.Liveness] = None, doing: str = "prepare data",
+             max_poll_s: float = MAX_POLL_S) -> object:
+    """Poll `ready()` until it returns something truthy; call `fail()` (which raises when the wait must
+    end early, e.g. another rank failed) and check `liveness` (WorkerGone naming a rank that stopped
+    beating while it was to `doing`) each poll; every SAY_EVERY_S say `what()`.
 
-    This is deliberately not a collective: it waits as long as data.prepare_timeout_minutes says,
-    independent of dist.timeout_minutes.
-    """
-    start = time.monotonic()
-    last = start - SAY_EVERY_S + 2.0  # first word after 2 s: short waits stay quiet
-    while True:
+    Not a collective: it waits up to data.prepare_timeout_minutes (timeout_s; 0 = no cap), independent
+    of dist.timeout_minutes; the speaker of a timeout is the lowest rank that still beats."""
+
+    def check() -> None:
         fail()
-        value = ready()
-        if value:
-            return value
-        now = time.monotonic()
-        if now - start > timeout_s:
-            raise DataError(f"gave up after {timeout_s / 60:g} min (data.prepare_timeout_minutes) waiting for {what()}; "
-                            "raise data.prepare_timeout_minutes if preparation is just slow")
-        if now - last >= SAY_EVERY_S:
-            say(rank, f"waiting for {what()} ({(now - start) / 60:.1f} of {timeout_s / 60:g} min, "
-                       "data.prepare_timeout_minutes)")
-            last = now
-        time.sleep(POLL_S)
+        if liveness is not None:
+            liveness.check(rank, doing)
+
+    def timed_out() -> waiting.WaitError:
+        return waiting.WaitTimeout(
+            f"rank {rank}: gave up after {timeout_s / 60:g} min (data.prepare_timeout_minutes) waiting for {what()}; "
+            "the ranks preparing it are alive (their heartbeats move): raise data.prepare_timeout_minutes "
+            "(0 = no cap) if preparation is just slow", speaker=liveness.speaker(rank) if liveness else rank == 0)
+
+    def progress(elapsed_s: float) -> None:
+        cap = f"{timeout_s / 60:g} min" if timeout_s > 0 else "no cap"
+        say(rank, f"waiting for {what()} ({elapsed_s / 60:.1f} min of {cap}, data.prepare_timeout_minutes)")
+
+    # first word after 2 s: short waits stay quiet
+    return waiting.poll_until(ready, timeout_s=timeout_s, on_timeout=timed_out, check=check, say=progress,
+                              say_every_s=SAY_EVERY_S, first_say_s=2.0,
+                              first_delay_s=POLL_S, max_delay_s=max_poll_s)
 
 
 def say(rank: int, message: str) -> None:
@@ -107,18 +128,7 @@ def say(rank: int, message: str) -> None:
 
 
 def cleanup_tmp(directory: str) -> None:
-    """Temporary files of this host's dead processes (an interrupted preparation) go; live ones stay."""
-    host = socket.gethostname()
-    for f in os.listdir(directory):
-        if ".tmp-" not in f:
-            continue
-        tag = f.rsplit(".tmp-", 1)[1]
-        h, _, pid = tag.rpartition("-")
-        if h != host or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            os.remove(os.path.join(directory, f))
-        except PermissionError:
-            pass
+    """Temporary files of dead writers (see files.cleanup_tmp: other nodes' too, once stale)."""
+    from .files import cleanup_tmp as cleanup
+
+    cleanup(directory)

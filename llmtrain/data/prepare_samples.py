@@ -1,24 +1,32 @@
 """Tokenize an SFT/DPO split once, in parallel, into a content-keyed directory that every rank reads.
 
-Who does the work: every rank. The split's rows are planned in chunks (sources.Chunk, at most
-data.prepare_chunk_rows rows each); ranks draw chunk numbers from one counter in the rendezvous
-store (`store.add`: each number handed out once, no collective) and tokenize them in their own
-worker processes (data.prepare_workers). So preparation scales with the cores of every node, and
-no rank waits inside a collective: a rank that runs out of chunks polls the directory for the
-others' chunks with its own timeout (data.prepare_timeout_minutes) and says what it waits for.
+Who does the work: every rank. The split's rows are planned in chunks (sources.Chunk: about
+CHUNKS_PER_WORKER chunks per tokenizer process of the launch, at most data.prepare_chunk_rows
+rows each), by one process, into plan.json; ranks draw chunk numbers from one counter in the
+rendezvous store (`store.add`: each number handed out once, no collective) and tokenize them in
+their own worker processes (data.prepare_workers). So preparation scales with the cores of every
+node, and no rank waits inside a collective. The rank that draws the number after the last
+chunk finishes the split: it waits for the others' chunks (taking over any whose owner died) and
+consolidates them into one index (samples.finalize_split); the other ranks poll only for the
+manifest, with backoff, and their own timeout (data.prepare_timeout_minutes).
+Every rank beats a heartbeat (waiting.Heartbeat, in <split dir>/.llmtrain-wait/) while it
+prepares, so a rank of this launch killed while others wait for its plan or manifest ends their
+wait within dist.stale_minutes with one line naming it, instead of at the cap; chunks a dead
+process had claimed are taken over by the finisher (claims).
 
 Where it lives: <data.cache_dir or output_dir/cache>/<sft|dpo>-<key>/, where the key hashes
-everything the samples depend on (source files' paths, sizes and mtimes or datasets'
-fingerprints, format/columns/subset/split, tokenizer and chat template, length settings, the
-encoding code). Any later run, and launch/inspect_data.py, with the same inputs reuses it; a
-shared data.cache_dir serves many runs. The directory should be on storage every rank sees, as
-output_dir is; if each node has its own copy of the path (node-local disk), ranks that share a
-copy share the work and every node prepares the whole split once.
+everything the samples depend on (source files' paths, sizes and a hash of their first and last
+MiB, or a hub dataset's fingerprint; format/columns/subset/split, tokenizer and chat template,
+length settings, the encoding code). Any later run, and launch/inspect_data.py, with the same
+inputs reuses it; a shared data.cache_dir serves many runs, and jobs preparing into it at the same
+time split the work through per-chunk claims (llmtrain.data.claims) instead of each doing all of
+it. Node-local copies of the data share the key, so a shared cache directory is prepared once.
 
-Resume: a chunk is written under temporary names and renamed into place with its sidecar last,
-so an interrupted preparation keeps every finished chunk and a rerun does only the rest. The
-sample order is the chunk order (= the rows' file order) whatever the number of workers or ranks,
-and the bad-row report lists the same rows, in file order, as a single process would.
+Resume: a chunk is written under temporary names and published (first-wins, never replaced) with
+its sidecar last, so an interrupted preparation keeps every finished chunk and a rerun does only
+the rest. The sample order is the chunk order (= the rows' file order) whatever the number of
+workers, ranks or jobs, and the bad-row report lists the same rows, in file order, as a single
+process would.
 """
 from __future__ import annotations
 
@@ -30,17 +38,24 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
-from .coordination import SAY_EVERY_S, ChunkCounter, cleanup_tmp, default_store, say, storage_id, wait_for
-from .sample_worker import EncodeSpec, chunk_name, init_worker, run_chunk  # noqa: F401  (EncodeSpec: API)
-from .samples import (FORMAT_VERSION, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, data_fingerprint,
-                      write_json_atomic)
+from ..distributed import waiting
+from ..errors import ConfigError
+from .claims import CLAIM_EXT, Claims, owner_of
+from .coordination import SAY_EVERY_S, ChunkCounter, default_store, say, storage_id, wait_for
+from .cpu_quota import usable_cpus
+from .files import cleanup_tmp, publish_json_once, write_json_atomic
+from .sample_worker import EncodeSpec, chunk_name, clear_worker, init_worker, run_chunk  # noqa: F401 (EncodeSpec: API)
+from .samples import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, finalize_split, read_bad_rows
 from .shards.store import dtype_for_vocab
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
 PLAN_NAME, FAILED_NAME = "plan.json", "failed.json"
+CHUNKS_PER_WORKER = 8  # chunks per tokenizer process: balance (the last chunk's tail) vs files and bookkeeping
+SWEEP_POLL_S = 5.0  # how often the finishing rank looks for missing chunks whose owner died
 # test hook, "RANK:SECONDS[:AFTER]": that rank stalls SECONDS in the chunk after its first AFTER (default 0) chunks
 TEST_DELAY_ENV = "LLMTRAIN_TEST_PREPARE_DELAY"
 
@@ -54,7 +69,8 @@ class Request:
     cache_root: str
     chunk_rows: int = 4096
     workers: int = 0  # per rank; 0 = automatic
-    timeout_s: float = 4 * 3600.0
+    timeout_s: float = 24 * 3600.0  # data.prepare_timeout_minutes (0 = no cap)
+    stale_s: float = 600.0  # dist.stale_minutes: a rank whose heartbeat stops this long is gone
     max_bad_fraction: float = 0.001
     rank: int = 0
     world_size: int = 1
@@ -72,8 +88,8 @@ class TooManyBadRows(DataError):
 # --------------------------------------------------------------------------- identity and layout
 
 
-_ENCODING_MODULES = ("chat.py", "chat_render.py", "chat_spans.py", "sft.py", "preference.py", "sources.py", "samples.py", "sample_worker.py",
-                     "prepare_samples.py")
+_ENCODING_MODULES = ("chat.py", "chat_render.py", "chat_spans.py", "sft.py", "preference.py", "sources.py", "samples.py",
+                     "sample_worker.py", "prepare_samples.py", "json_array.py")
 
 
 def _code_hash() -> str:
@@ -97,11 +113,13 @@ def split_dir(req: Request, reader: SplitReader, tokenizer) -> str:
 
 def workers_per_rank(requested: int, local_world_size: int) -> int:
     """data.prepare_workers, or: a rank bound to a CPU subset (Slurm --cpus-per-task) uses its own
-    CPUs; an unbound rank gets an equal share of the node's CPUs with the other ranks on the node."""
+    CPUs; an unbound rank gets an equal share of the node's CPUs with the other ranks on the node.
+    A cgroup CPU quota (a Kubernetes CPU limit) caps the CPUs first: 8 CPUs of quota on a 224-CPU
+    host are 8, not 224 (cpu_quota.usable_cpus)."""
     if requested > 0:
         return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpus >= (os.cpu_count() or cpus):
+    cpus, bound = usable_cpus()
+    if not bound:
         cpus //= max(1, local_world_size)
     return max(1, cpus)
 
@@ -111,13 +129,23 @@ def workers_per_rank(requested: int, local_world_size: int) -> int:
 
 @dataclass
 class _State:
-    """What one rank knows while it prepares: finished chunks' sidecars and its bad-row tally."""
+    """What one rank knows while it prepares: finished chunks' sidecars and running bad-row counters
+    (O(1) per finished chunk: the budget check never rebuilds a report)."""
 
     directory: str
     chunks: list
     dtype: str
     planned_rows: int
     sides: dict = field(default_factory=dict)  # index -> sidecar
+    bad_rows: int = 0
+
+    def add(self, i: int, side: dict) -> None:
+        if i not in self.sides:
+            self.sides[i] = side
+            self.bad_rows += len(side["bad"])
+
+    def complete(self) -> bool:
+        return len(self.sides) == len(self.chunks)
 
     def missing(self) -> list[int]:
         return [i for i in range(len(self.chunks)) if i not in self.sides]
@@ -126,12 +154,12 @@ class _State:
         for i in indices:
             side = chunk_done(self.directory, chunk_name(i), self.dtype)
             if side is not None:
-                self.sides[i] = side
+                self.add(i, side)
 
     def report(self) -> BadRowReport:
+        """The bad rows known so far, in file order (built once, when the budget is exceeded)."""
         sides = [self.sides[i] for i in sorted(self.sides)]
-        rep = BadRowReport(total=sum(s["rows"] for s in sides),
-                           dropped_too_long=sum(s["dropped_too_long"] for s in sides))
+        rep = BadRowReport(total=sum(s["rows"] for s in sides))
         rep.bad = [BadRow(o, r) for s in sides for o, r in s["bad"]]
         return rep
 
@@ -145,7 +173,11 @@ class _Preparer:
         self.counter = ChunkCounter(f"llmtrain-prepare/{os.path.basename(directory)}/{storage_id(directory)}", store)
         self.token = self.counter.launch_token()
         self.dtype = dtype_for_vocab(len(tokenizer)).name
+        self.workers = workers_per_rank(req.workers, req.local_world_size)
         self.started = time.time()
+        beats = os.path.join(directory, waiting.MARKERS)
+        self.heartbeat = waiting.Heartbeat(beats, f"prepare-{self.token}", self.rank, req.stale_s)
+        self.liveness = waiting.Liveness(beats, f"prepare-{self.token}", req.stale_s) if req.world_size > 1 else None
 
     # --- failures other ranks must hear about ---
     def _failed(self) -> None:
@@ -170,6 +202,7 @@ class _Preparer:
 
     # --- plan ---
     def plan(self) -> list[Chunk]:
+        """The plan in place (first planner wins: concurrent jobs of one cache directory agree on it)."""
         path = os.path.join(self.dir, PLAN_NAME)
 
         def read():
@@ -182,130 +215,221 @@ class _Preparer:
         chunks = read()
         if chunks is not None:
             return chunks
-        if self.counter.draw("planner") == 0:  # one process scans the sources; the others read its plan
+        if self.counter.draw("planner") == 0:  # one process of this launch scans the sources; the others read
+            target = CHUNKS_PER_WORKER * self.workers * self.req.world_size
             try:
-                chunks = self.reader.plan(self.req.chunk_rows)
+                ours = self.reader.plan(self.req.chunk_rows, target, stage_dir=self.dir)
             except BaseException as e:  # e.g. a column that is not there: the ranks waiting for the plan must hear it
                 self._record_error(e)
                 raise
-            write_json_atomic(path, {"chunks": [asdict(c) for c in chunks]})
+            publish_json_once(path, {"chunks": [asdict(c) for c in ours]})
+            chunks = read()
+            for staged in {c.staged for c in ours} - {c.staged for c in chunks} - {""}:
+                os.remove(staged)  # another job's planner won: its plan, its staged copies
             return chunks
         return wait_for(read, lambda: f"the plan of {self.req.key} ({path})", self.req.timeout_s, self._failed,
-                        self.rank)
+                        self.rank, self.liveness, f"prepare {self.req.key}")
 
     # --- tokenize ---
     def run(self) -> SampleStore:
+        if self.liveness is None:  # one process: nobody waits for it
+            return self._run()
+        with self.heartbeat:  # until this rank is done: the plan, its chunks, maybe the manifest
+            return self._run()
+
+    def _run(self) -> SampleStore:
         chunks = self.plan()
+        self.num_chunks = len(chunks)
         st = _State(self.dir, chunks, self.dtype, sum(c.row_stop - c.row_start for c in chunks))
-        workers = workers_per_rank(self.req.workers, self.req.local_world_size)
         if self.rank == 0:
             say(0, f"{self.req.key}: {len(chunks)} chunk(s) of <= {self.req.chunk_rows} rows -> {self.dir} "
-                    f"({self.req.world_size} rank(s) x {workers} worker(s))")
-        writer = self._tokenize(st, workers)
-        if writer:  # drew the number after the last chunk: this rank writes the manifest
-            self._wait(st, "chunk(s)", lambda: not st.missing(), st.missing)
-            self._write_manifest(st, workers)
-        else:
-            self._wait(st, "the manifest", lambda: os.path.exists(os.path.join(self.dir, MANIFEST_NAME)), st.missing)
-        return SampleStore(self.dir)
-
-    def _tokenize(self, st: _State, workers: int) -> bool:
-        """Draw and tokenize chunks until none is left; True when this rank drew the one-past-the-end number."""
-        delays = _test_delays(self.rank)
-        pool = None
-        if workers > 1:  # spawn: safe with the threads a rank already runs (gloo, tokenizers)
-            pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
-                                          initargs=(self.tok, self.reader, self.req.spec, self.dir, self.dtype, True))
-        else:
-            init_worker(self.tok, self.reader, self.req.spec, self.dir, self.dtype, False)
-        running: dict = {}
-        writer, exhausted, last_say = False, False, time.monotonic()
+                    f"({self.req.world_size} rank(s) x {self.workers} worker(s))")
+        claims = Claims(self.dir, self.token)
         try:
-            while True:
-                while not exhausted and len(running) < workers:
-                    self._failed()
-                    i = self.counter.draw()
-                    if i >= len(st.chunks):
-                        exhausted, writer = True, i == len(st.chunks)
-                        break
-                    st.refresh([i])
-                    if i in st.sides:  # finished by an earlier (interrupted) preparation
-                        continue
-                    args = (i, st.chunks[i], delays.pop(0) if delays else 0.0)
-                    if pool is None:  # one worker: tokenize in this process, no spawn
-                        st.sides[i] = run_chunk(*args)
-                        self._check_bad_rows(st)
-                    else:
-                        running[i] = pool.submit(run_chunk, *args)
-                if not running:
-                    if exhausted:
-                        return writer
-                    continue
-                done, _ = cf.wait(list(running.values()), timeout=SAY_EVERY_S, return_when=cf.FIRST_COMPLETED)
-                for i in [i for i, f in running.items() if f in done]:
-                    st.sides[i] = running.pop(i).result()
-                    self._check_bad_rows(st)
-                if self.rank == 0 and time.monotonic() - last_say >= 30:
-                    say(0, f"{self.req.key}: {self._count_done(st)}/{len(st.chunks)} chunks done")
-                    last_say = time.monotonic()
-        except (DataError, KeyboardInterrupt):
+            with _Workers(self, self.workers) as workers:
+                self._draw_and_tokenize(st, workers, claims)
+                if self._finisher:  # drew the number after the last chunk: this rank completes the split
+                    self._complete(st, workers, claims)
+                    self._write_manifest(st)
+        except (DataError, ConfigError, waiting.WaitError, KeyboardInterrupt):
             raise
         except BaseException as e:  # tell the other ranks, then fail here too
             self._record_error(e)
             raise
         finally:
-            if pool is not None:
-                procs = list((getattr(pool, "_processes", None) or {}).values())
-                pool.shutdown(wait=False, cancel_futures=True)
-                for p in procs:
-                    p.terminate()  # idle now, or on error / Ctrl-C mid-chunk: finished chunks stay, the rest is redone
+            claims.stop()  # unfinished chunks' claims go: another process may take them at once
+        if not self._finisher:
+            manifest = os.path.join(self.dir, MANIFEST_NAME)
+            wait_for(lambda: os.path.exists(manifest), self._describe_manifest_wait, self.req.timeout_s, self._failed,
+                     self.rank, self.liveness, f"prepare {self.req.key}")  # only the manifest is polled (with backoff)
+        return SampleStore(self.dir)
 
-    def _count_done(self, st: _State) -> int:
-        return sum(1 for f in os.listdir(self.dir) if f.endswith(".json") and f.startswith("c"))
+    def _test_arrive(self) -> None:
+        _test_arrive_and_wait(self.counter, self.req.world_size, wait=bool(_test_delays(self.rank)))
 
-    def _check_bad_rows(self, st: _State) -> None:
-        """Stop early when the bad rows seen already exceed the budget of the whole split (the
-        final share can only be higher), and leave the verdict for the other ranks."""
-        if not st.missing():
-            return  # everything is known: the manifest gets written and every rank checks the full report
-        rep = st.report()
-        if len(rep.bad) > self.req.max_bad_fraction * st.planned_rows:
+    def _draw_and_tokenize(self, st: _State, workers: "_Workers", claims: Claims) -> None:
+        """Draw chunk numbers until none is left and tokenize those not finished or claimed by others."""
+        delays = _test_delays(self.rank)
+        if os.environ.get(TEST_DELAY_ENV):
+            self._test_arrive()
+        self._finisher = False
+
+        def drawn() -> Iterator[tuple[int, Chunk, float]]:
+            while True:
+                self._failed()
+                i = self.counter.draw()
+                if i >= len(st.chunks):
+                    self._finisher = i == len(st.chunks)
+                    return
+                st.refresh([i])
+                if i in st.sides or not claims.take(chunk_name(i)):
+                    continue  # finished by an earlier preparation, or being tokenized by another job
+                yield i, st.chunks[i], delays.pop(0) if delays else 0.0
+
+        for i, side in workers.run(drawn()):
+            self._finished(st, i, side, claims)
+
+    def _finished(self, st: _State, i: int, side: dict, claims: Claims) -> None:
+        st.add(i, side)
+        claims.release(chunk_name(i))
+        if not st.complete() and st.bad_rows > self.req.max_bad_fraction * st.planned_rows:
+            # the bad rows seen already exceed the budget of the whole split (the final share can
+            # only be higher): stop, and leave the verdict for the other ranks and later attempts
+            rep = st.report()
             self._record_failure({"kind": "bad_rows", "rows": rep.total, "planned_rows": st.planned_rows,
                                   "bad": [[b.origin, b.reason] for b in rep.bad]})
             raise TooManyBadRows(rep, complete=False)
 
-    def _wait(self, st: _State, what: str, ready: Callable[[], bool], missing: Callable[[], list]) -> None:
-        def check():
-            st.refresh(st.missing())
-            return ready()
+    def _complete(self, st: _State, workers: "_Workers", claims: Claims) -> None:
+        """Wait for the chunks other processes tokenize; take over those whose claim went stale (its
+        owner died: another job's rank, or one of this launch killed by the OOM killer)."""
+        while True:
+            def sweep():
+                st.refresh(st.missing())
+                if st.complete():
+                    return "done"
+                return [i for i in st.missing() if not self._ours(i) and claims.take(chunk_name(i))] or None
 
-        def describe():
-            names = [chunk_name(i) for i in missing()]
-            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
-            return (f"{what} of {self.req.key} that other ranks are preparing in {self.dir}: "
-                    f"{len(names)} chunk(s) not finished: {', '.join(names[:3])}{more}")
+            found = wait_for(sweep, lambda: self._describe_missing(st), self.req.timeout_s, self._failed, self.rank,
+                             self.liveness, f"prepare {self.req.key}", max_poll_s=SWEEP_POLL_S)
+            if found == "done":
+                return
+            for i, side in workers.run((i, st.chunks[i], 0.0) for i in found):
+                self._finished(st, i, side, claims)
 
-        wait_for(check, describe, self.req.timeout_s, self._failed, self.rank)
+    def _ours(self, i: int) -> bool:
+        """Chunk i is claimed by another rank of this launch: never taken over, even if its owner died,
+        because this launch cannot train without that rank anyway; the heartbeats (self.liveness) end
+        the wait with one line naming it. Claims of other jobs' dead processes are taken over."""
+        if self.liveness is None:
+            return False
+        owner = owner_of(os.path.join(self.dir, chunk_name(i) + CLAIM_EXT))
+        return bool(owner) and owner.get("launch") == self.token and owner.get("pid") != os.getpid()
 
-    def _write_manifest(self, st: _State, workers: int) -> None:
+    def _describe_missing(self, st: _State) -> str:
+        names = [chunk_name(i) for i in st.missing()]
+        owners = []
+        for n in names[:3]:
+            o = owner_of(os.path.join(self.dir, n + CLAIM_EXT))
+            owners.append(f"{n} ({o['host']} pid {o['pid']})" if o else n)
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        return (f"chunk(s) of {self.req.key} that other processes are preparing in {self.dir}: "
+                f"{len(names)} not finished: {', '.join(owners)}{more}")
+
+    def count_finished(self) -> int:
+        """Finished chunks of every process (one directory listing: for progress lines, not polls)."""
+        return sum(1 for f in os.listdir(self.dir) if f.startswith("c") and f.endswith(".json"))
+
+    def _describe_manifest_wait(self) -> str:
+        return f"the manifest of {self.req.key} in {self.dir} ({self.count_finished()} chunk(s) finished so far)"
+
+    def _write_manifest(self, st: _State) -> None:
         sides = [st.sides[i] for i in range(len(st.chunks))]
-        rep = st.report()
-        manifest = {
-            "format": "llmtrain.samples", "version": FORMAT_VERSION, "kind": self.req.spec.kind,
-            "seqs_per_unit": self.req.spec.seqs_per_unit, "dtype": self.dtype,
-            "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
-            "num_seqs": sum(s["num_seqs"] for s in sides), "num_tokens": sum(s["num_tokens"] for s in sides),
-            "rows": rep.total, "bad_rows": len(rep.bad), "dropped_too_long": rep.dropped_too_long,
-            "fingerprint": data_fingerprint(self.req.spec.seqs_per_unit, sides),
-            "prepare": {"seconds": round(time.time() - self.started, 3), "ranks": self.req.world_size,
-                        "workers_per_rank": workers, "finished_by": f"rank {self.rank} ({socket.gethostname()})"},
-        }
-        write_json_atomic(os.path.join(self.dir, MANIFEST_NAME), manifest)  # last: the split is complete
+        extra = {"kind": self.req.spec.kind,
+                 "prepare": {"seconds": round(time.time() - self.started, 3), "ranks": self.req.world_size,
+                             "workers_per_rank": self.workers, "finished_by": f"rank {self.rank} ({socket.gethostname()})"}}
+        manifest = finalize_split(self.dir, sides, self.req.spec.seqs_per_unit, self.dtype, extra,
+                                  unit_values=self.req.spec.value_column is not None)
         if os.path.exists(os.path.join(self.dir, FAILED_NAME)):
             os.remove(os.path.join(self.dir, FAILED_NAME))  # an earlier verdict under a lower data.max_bad_fraction
         cleanup_tmp(self.dir)
+        for f in os.listdir(self.dir):  # every chunk is finished: no claim means anything any more
+            if f.endswith(CLAIM_EXT):
+                try:
+                    os.remove(os.path.join(self.dir, f))
+                except FileNotFoundError:
+                    pass
         say(self.rank, f"{self.req.key}: prepared {manifest['rows']:,} rows -> {manifest['num_seqs']:,} sequences, "
                         f"{manifest['num_tokens']:,} tokens in {manifest['prepare']['seconds']:.1f} s")
+
+
+class _Workers:
+    """This rank's tokenizer processes (spawned: safe with the threads a rank already runs, gloo and
+    tokenizers), or this process itself for one worker."""
+
+    def __init__(self, prep: _Preparer, n: int):
+        self.prep, self.n = prep, n
+        self.pool = None
+        args = (prep.reader, prep.req.spec, prep.dir, prep.dtype)
+        if n > 1:
+            self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                                               initargs=(prep.tok, *args, True))
+        else:
+            init_worker(prep.tok, *args, False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is None:
+            clear_worker()  # the reader and tokenizer must not stay referenced from a module global all run
+            return
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.terminate()  # idle now, or on error / Ctrl-C mid-chunk: finished chunks stay, the rest is redone
+
+    def run(self, items) -> Iterator[tuple[int, dict]]:
+        """(index, sidecar) of each item (index, chunk, delay) as it finishes; items are pulled only
+        when a worker is free (so a rank draws chunk numbers at the pace it tokenizes)."""
+        items, running, exhausted, last_say = iter(items), {}, False, time.monotonic()
+        while True:
+            while not exhausted and len(running) < self.n:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                elif self.pool is None:  # one worker: tokenize in this process, no spawn
+                    yield item[0], run_chunk(*item)
+                else:
+                    running[self.pool.submit(run_chunk, *item)] = item[0]
+            if not running:
+                if exhausted:
+                    return
+                continue
+            done, _ = cf.wait(list(running), timeout=SAY_EVERY_S, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                i = running.pop(f)
+                try:
+                    side = f.result()
+                except BrokenProcessPool as e:
+                    raise DataError(f"{self.prep.req.key}: a tokenizer worker process died ({e}); it may have run "
+                                    "out of memory (set data.prepare_workers lower) or failed to load the tokenizer "
+                                    "(set data.prepare_workers=1 to tokenize in the rank itself)") from None
+                yield i, side
+            if self.prep.rank == 0 and time.monotonic() - last_say >= 30:
+                say(0, f"{self.prep.req.key}: {self.prep.count_finished()}/{self.prep.num_chunks} chunks finished")
+                last_say = time.monotonic()
+
+
+def _test_arrive_and_wait(counter: ChunkCounter, world_size: int, wait: bool) -> None:
+    """Test hook (TEST_DELAY_ENV): register this rank; the delayed rank waits (<= 120 s) until every
+    rank has arrived, so a slow-starting rank cannot miss the stall the test is about."""
+    counter.draw("test-arrived")
+    deadline = time.monotonic() + 120
+    while wait and counter.store is not None and time.monotonic() < deadline:
+        if int(counter.store.add(f"{counter.name}/test-arrived", 0)) >= world_size:
+            return
+        time.sleep(0.1)
 
 
 def _test_delays(rank: int) -> list[float]:
@@ -323,6 +447,9 @@ def _test_delays(rank: int) -> list[float]:
 def prepared_split(req: Request, tokenizer) -> tuple[SampleStore, BadRowReport]:
     """The split's samples, prepared now (together with the other ranks) or earlier; and its bad-row
     report. Raises TooManyBadRows above data.max_bad_fraction (every rank raises it)."""
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise ConfigError(f"{req.key}: the tokenizer ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "
+                          "assistant masking needs its character offsets (use a model with a tokenizer.json)")
     reader = SplitReader(req.srcs, req.key)
     directory = split_dir(req, reader, tokenizer)
     store = _open_if_prepared(directory)
@@ -334,22 +461,31 @@ def prepared_split(req: Request, tokenizer) -> tuple[SampleStore, BadRowReport]:
     return store, rep
 
 
+def open_prepared(req: Request, tokenizer) -> Optional[SampleStore]:
+    """The split if it is prepared already (nothing is tokenized), else None."""
+    return _open_if_prepared(split_dir(req, SplitReader(req.srcs, req.key), tokenizer))
+
+
 def _open_if_prepared(directory: str) -> Optional[SampleStore]:
     if not os.path.exists(os.path.join(directory, MANIFEST_NAME)):
         return None
     try:
         return SampleStore(directory)
     except SampleStoreError as e:
+        # finished files are never replaced, so the damaged consolidated ones move aside (chunks stay)
         print(f"warning: {e}; preparing it again", file=sys.stderr, flush=True)
+        for name in (MANIFEST_NAME, INDEX_NAME):
+            try:
+                os.replace(os.path.join(directory, name), os.path.join(directory, f"{name}.damaged-{os.getpid()}"))
+            except FileNotFoundError:
+                pass
         return None
 
 
 def report_of(store: SampleStore) -> BadRowReport:
-    """The bad-row report of a prepared split, rebuilt from its chunks' sidecars, in file order."""
+    """The bad-row report of a prepared split, from its consolidated bad_rows.jsonl (one file), in file order."""
     m = store.manifest
     rep = BadRowReport(total=m["rows"], dropped_too_long=m["dropped_too_long"])
     if m["bad_rows"]:
-        for c in m["chunks"]:
-            with open(os.path.join(store.dir, c["name"] + ".json")) as f:
-                rep.bad += [BadRow(o, r) for o, r in json.load(f)["bad"]]
+        rep.bad = [BadRow(o, r) for o, r in read_bad_rows(store.dir)]
     return rep

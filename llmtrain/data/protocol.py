@@ -30,6 +30,8 @@ class TrainData(Protocol):
     batches()    collates a plan's micro-batches into tensors (the loop runs it in a prefetch thread).
     eval_set()   the held-out batches of this rank and their global normaliser, or None.
     state_dict() / load_state_dict()  the data position (+ a fingerprint of the data) a checkpoint keeps.
+    prefetch_safe  (optional attribute, default True) False: next_step runs the model (RL rollouts), so
+                 the loop plans each step in its own thread, never in the prefetch thread.
     """
 
     def next_step(self) -> StepPlan: ...
@@ -53,10 +55,11 @@ class DataContext:
     tokenizer: Any
     tok_hash: str  # data.tokenizer_id.tokenizer_hash(tokenizer): keys the prepared-data cache
     output_dir: str  # prepared data (default cache) and bad-row reports go here
+    stale_minutes: float = 10.0  # dist.stale_minutes: a preparing rank whose heartbeat stops this long is gone
 
     @classmethod
     def of(cls, cfg: Config, tokenizer, info, tok_hash: str) -> "DataContext":
-        return cls(cfg.data, cfg.train, info, tokenizer, tok_hash, cfg.output_dir)
+        return cls(cfg.data, cfg.train, info, tokenizer, tok_hash, cfg.output_dir, cfg.dist.stale_minutes)
 
 
 def data_coordinates(info) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 the chunk (llmtrain.data.prepare_samples hands out the chunks)."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -24,6 +25,19 @@ class EncodeSpec:
     truncation: str = "truncate"
     max_prompt_len: int = 1024
     options: tuple = ()
+    # a per-unit number read from this column and stored beside the unit (the reward model's per-pair
+    # margin, reward.margin_column); a row without a finite number there is a bad row
+    value_column: Optional[str] = None
+
+    def unit_value(self, record: dict) -> Optional[float]:
+        if self.value_column is None:
+            return None
+        from .chat import RowError
+
+        value = record.get(self.value_column)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RowError(f"'{self.value_column}' must be a finite number (reward.margin_column), got {value!r}")
+        return float(value)
 
     @property
     def seqs_per_unit(self) -> int:
@@ -42,15 +56,22 @@ class EncodeSpec:
 
 
 
-_W: dict = {}  # per-process state, set by _init_worker
+_W: dict = {}  # per-process state, set by init_worker, cleared by clear_worker
 
 
 def init_worker(tokenizer, reader: SplitReader, spec: EncodeSpec, directory: str, dtype: str,
-                 in_subprocess: bool) -> None:
+                in_subprocess: bool) -> None:
+    # (a remote-code tokenizer's class unpickles in a spawned worker: spawn carries the parent's
+    # sys.path, which holds transformers' dynamic-module directory)
     if in_subprocess:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
         _die_with_parent()
     _W.update(tok=tokenizer, reader=reader, spec=spec, dir=directory, dtype=np.dtype(dtype))
+
+
+def clear_worker() -> None:
+    """Drop the per-process state (in-process preparation: the rank goes on to train)."""
+    _W.clear()
 
 
 def _die_with_parent() -> None:
@@ -79,6 +100,7 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
                 continue
             try:
                 seqs = spec.encode(tok, row.record, fmt)
+                value = spec.unit_value(row.record)
             except RowError as e:
                 bad.append([row.origin, str(e)])
                 continue
@@ -87,6 +109,8 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
                 continue
             for ids, labels in seqs:
                 writer.add(ids, labels)
+            if value is not None:
+                writer.add_unit_value(value)
     except BaseException:
         writer.abort()
         raise

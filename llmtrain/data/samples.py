@@ -6,27 +6,38 @@ questions: `len` (units), `num_seqs`, `seq(j)` -> (ids, labels), `unit(i)`, `uni
 `seq_targets()`, `fingerprint()` and `subset(units)`.
 
   SampleSet    in memory (small sets, tests, previews)
-  SampleStore  a prepared directory (llmtrain.data.prepare_samples): resident memory is ~16 bytes
-               per sequence (lengths, trained-token counts, token offsets), never the tokens
+  SampleStore  a prepared directory (llmtrain.data.prepare_samples), read by position with pread:
+               resident memory is 16 bytes per sequence (int32 length, int32 trained-token count,
+               int64 token offset), never the tokens; opening it reads two files, whatever the
+               number of chunks
   SampleView   some units of either, in a given order, without a copy (data.eval_fraction)
 
 Layout of a prepared directory (each chunk = one row range of one source, see sources.Chunk):
 
-    manifest.json         written last, atomically: chunk list, totals, fingerprint, bad-row counts
-    <c>.ids               token ids of the chunk's sequences, concatenated (uint16 when the vocab
-                          fits, else uint32), native little-endian
-    <c>.mask              uint8, 1 where the token is a loss target (labels = ids there, else -100)
-    <c>.seqs.npy          int32 (sequences, 2): length, trained tokens (first position excluded)
-    <c>.json              sidecar: counts, bad rows with file:line, sha256; written last, so its
-                          presence marks the chunk finished
-The fingerprint (a hash of the chunks' sha256s) is computed once, at preparation, and stored.
+    manifest.json         written last, once: chunk list, totals, fingerprint, bad-row counts
+    index.npy             int32 (sequences, 2) of the whole split: length, trained tokens (first
+                          position excluded); what a store loads
+    bad_rows.jsonl        every skipped row with its file:line and reason, in file order (if any)
+    plan.json             the chunks (row ranges of the sources), fixed by the first planner
+    <c>.bin               one chunk: its token ids (uint16 when the vocab fits, else uint32, native
+                          little-endian), then its loss mask (uint8, 1 where the token is a target:
+                          labels = ids there, else -100), then int32 (sequences, 2) as in index.npy
+    <c>.json              sidecar: counts, bad rows with file:line, sha256; its presence marks the
+                          chunk finished
+    <c>.claim             while a process tokenizes the chunk (llmtrain.data.claims)
+    staged-*.parquet      Parquet sources rewritten with chunk-sized row groups (sources.stage_parquet)
+    values.npy            float32 (units,): a per-unit number read from a column (the reward model's
+                          per-pair margin), only when the manifest says "unit_values"; each chunk's
+                          values sit in its sidecar until the split is consolidated
+Finished files are published first-wins and never replaced (llmtrain.data.files), so jobs sharing
+a cache directory never swap a file under a reader. The fingerprint (a hash of the sequences'
+content, independent of the chunking) is computed once, at preparation, and stored.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,10 +46,12 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .labels import IGNORE_INDEX
+from .files import publish_json_once, publish_once, read_json, tmp_suffix, write_json_atomic  # noqa: F401 (write_json_atomic: API)
 
 FORMAT_NAME = "llmtrain.samples"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 2  # 2: one .bin per chunk, consolidated index.npy and bad_rows.jsonl
+MANIFEST_NAME, INDEX_NAME, BAD_ROWS_NAME = "manifest.json", "index.npy", "bad_rows.jsonl"
+VALUES_NAME = "values.npy"
 
 
 class SampleStoreError(RuntimeError):
@@ -59,13 +72,24 @@ class _Samples:
         return [self.seq(i * k + j) for j in range(k)]
 
     def unit_lengths(self) -> np.ndarray:
+        if self.seqs_per_unit == 1:
+            return self.seq_lengths()  # no copy: 4-8 bytes per unit saved
         if getattr(self, "_unit_lengths", None) is None:
             lengths = self.seq_lengths().astype(np.int64)
             self._unit_lengths = lengths.reshape(-1, self.seqs_per_unit).sum(axis=1)  # (seqs,) -> (units,)
         return self._unit_lengths
 
+    def read_seqs(self, seq_ids) -> dict:
+        """{j: seq(j)} for many sequences at once, read in ascending order (one step's reads sorted:
+        sequential within each chunk file instead of random)."""
+        return {j: self.seq(j) for j in sorted(set(int(j) for j in seq_ids))}
+
     def subset(self, units: np.ndarray, tag: str) -> "SampleView":
         return SampleView(self, units, tag)
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        """(units,) float32 per-unit values (EncodeSpec.value_column), or None when the data has none."""
+        return None
 
 
 @dataclass
@@ -137,39 +161,41 @@ class SampleView(_Samples):
     def seq_targets(self) -> np.ndarray:
         return self.base.seq_targets()[self._base_seqs()]
 
+    def read_seqs(self, seq_ids) -> dict:
+        k = self.seqs_per_unit
+        base_of = {int(j): int(self.units[int(j) // k]) * k + int(j) % k for j in seq_ids}
+        got = self.base.read_seqs(base_of.values())
+        return {j: got[b] for j, b in base_of.items()}
+
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        values = self.base.unit_values()
+        return None if values is None else values[self.units]
 
 
 # --------------------------------------------------------------------------- writing one chunk
 
 
-def _tmp_suffix() -> str:
-    # host and pid: ranks on several nodes may write the same chunk of a shared directory at once
-    return f".tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + _tmp_suffix()
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 class ChunkWriter:
-    """Appends sequences to one chunk's files under temporary names; `finish` renames them into
-    place and writes the sidecar last. Two processes writing the same chunk write the same bytes."""
+    """Appends sequences to one chunk's files under temporary names; `finish` publishes the .bin,
+    then the sidecar, each first-wins: a chunk another process finished first is never replaced
+    (both wrote the same bytes), so readers of a shared cache never see a file swapped."""
 
     def __init__(self, directory: str, name: str, dtype: np.dtype):
         self.dir, self.name, self.dtype = directory, name, np.dtype(dtype)
         self._limit = np.iinfo(self.dtype).max
-        suffix = _tmp_suffix()
-        self._tmp = {ext: os.path.join(directory, f".{name}{ext}{suffix}") for ext in (".ids", ".mask", ".seqs.npy")}
-        self._ids = open(self._tmp[".ids"], "wb")
-        self._mask = open(self._tmp[".mask"], "wb")
-        self._sha = hashlib.sha256()  # of the files' bytes: their integrity
+        suffix = tmp_suffix()
+        self._tmp_bin = os.path.join(directory, f".{name}.bin{suffix}")
+        self._tmp_mask = os.path.join(directory, f".{name}.mask{suffix}")
+        self._ids = open(self._tmp_bin, "wb")
+        self._mask = open(self._tmp_mask, "wb")
+        self._sha = hashlib.sha256()  # of the file's bytes: its integrity
+        self._mask_sha = hashlib.sha256()
         self._content = 0  # of the sequences, foldable across chunks: the data's identity (see data_fingerprint)
         self._lengths: list[int] = []
+        self._values: list[float] = []  # one per unit, when the spec reads a value column
         self._targets: list[int] = []
 
     def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
@@ -180,49 +206,133 @@ class ChunkWriter:
         if len(ids) and int(ids.max()) > self._limit:
             raise ValueError(f"token id {int(ids.max())} does not fit {self.dtype}: the tokenizer's vocab is larger "
                              "than len(tokenizer)")
-        for f, arr in ((self._ids, ids.astype(self.dtype)), (self._mask, trained.astype(np.uint8))):
-            buf = arr.tobytes()
-            f.write(buf)
-            self._sha.update(buf)
+        ids_buf, mask_buf = ids.astype(self.dtype).tobytes(), trained.astype(np.uint8).tobytes()
+        self._ids.write(ids_buf)
+        self._sha.update(ids_buf)
+        self._mask.write(mask_buf)
+        self._mask_sha.update(mask_buf)
         self._content = _fold(self._content, _seq_digest(ids, trained), 1)
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 
+    def add_unit_value(self, value: float) -> None:
+        self._values.append(value)
+
     def finish(self, meta: dict) -> dict:
-        """Close, rename into place, write the sidecar (last); return the sidecar."""
-        self._ids.close()
+        """Close, publish the .bin (ids, mask, per-sequence table) and then the sidecar; return the
+        sidecar in place (ours, or that of a process that finished this chunk first)."""
+        side_path = os.path.join(self.dir, self.name + ".json")
+        existing = read_sidecar(side_path)
+        if existing is not None:  # finished meanwhile by another process (another job, a stale claim)
+            self.abort()
+            return existing
         self._mask.close()
         seqs = np.array([self._lengths, self._targets], dtype=np.int32).T.reshape(-1, 2)  # (seqs, 2)
-        with open(self._tmp[".seqs.npy"], "wb") as f:  # a file object: np.save(path) would append ".npy"
-            np.save(f, seqs)
+        with open(self._tmp_mask, "rb") as f:  # ids | mask | seqs in one file: one descriptor per chunk
+            while block := f.read(1 << 20):
+                self._ids.write(block)
+        self._ids.write(seqs.tobytes())
+        self._ids.close()
+        os.remove(self._tmp_mask)
+        self._sha.update(self._mask_sha.digest())
         self._sha.update(seqs.tobytes())
-        for ext, tmp in self._tmp.items():
-            os.replace(tmp, os.path.join(self.dir, self.name + ext))
+        if self._values:  # a few bytes per unit: in the sidecar, consolidated into values.npy at the end
+            self._sha.update(np.asarray(self._values, dtype=np.float32).tobytes())
+            meta = {**meta, "unit_values": [float(v) for v in self._values]}
+        publish_once(self._tmp_bin, os.path.join(self.dir, self.name + ".bin"))
         side = {"name": self.name, "num_seqs": len(self._lengths), "num_tokens": int(sum(self._lengths)),
                 "sha256": self._sha.hexdigest(), "content": self._content, **meta}
-        write_json_atomic(os.path.join(self.dir, self.name + ".json"), side)
-        return side
+        if publish_json_once(side_path, side):
+            return side
+        return read_sidecar(side_path) or side
 
     def abort(self) -> None:
         for f in (self._ids, self._mask):
             f.close()
-        for tmp in self._tmp.values():
+        for tmp in (self._tmp_bin, self._tmp_mask):
             if os.path.exists(tmp):
                 os.remove(tmp)
 
 
+def read_sidecar(path: str) -> Optional[dict]:
+    """A chunk's sidecar (or a manifest), or None when it is missing or half-written."""
+    return read_json(path)
+
+
 def chunk_done(directory: str, name: str, dtype: np.dtype) -> Optional[dict]:
-    """The sidecar of a finished chunk whose files have the sizes it states, else None."""
-    try:
-        with open(os.path.join(directory, name + ".json")) as f:
-            side = json.load(f)
-        n_tok = side["num_tokens"]
-        ok = (os.path.getsize(os.path.join(directory, name + ".ids")) == n_tok * np.dtype(dtype).itemsize
-              and os.path.getsize(os.path.join(directory, name + ".mask")) == n_tok
-              and os.path.isfile(os.path.join(directory, name + ".seqs.npy")))
-        return side if ok else None
-    except (OSError, ValueError, KeyError):
+    """The sidecar of a finished chunk whose .bin has the size it states, else None."""
+    side = read_sidecar(os.path.join(directory, name + ".json"))
+    if side is None:
         return None
+    try:
+        size = os.path.getsize(os.path.join(directory, name + ".bin"))
+    except OSError:
+        return None
+    return side if size == _bin_size(side["num_tokens"], side["num_seqs"], np.dtype(dtype)) else None
+
+
+def _bin_size(num_tokens: int, num_seqs: int, dtype: np.dtype) -> int:
+    return num_tokens * (dtype.itemsize + 1) + num_seqs * 8
+
+
+# --------------------------------------------------------------------------- one split from its chunks
+
+
+def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype, extra: Optional[dict] = None,
+                   unit_values: bool = False) -> dict:
+    """Consolidate finished chunks into index.npy, bad_rows.jsonl, values.npy (unit_values: the
+    sidecars' per-unit values) and (last) manifest.json, each published first-wins; returns the
+    manifest in place. O(chunks) reads, once, in one process, so that every rank's later open reads
+    two or three files."""
+    dtype = np.dtype(dtype)
+    n_seqs = sum(s["num_seqs"] for s in sides)
+    index_tmp = os.path.join(directory, INDEX_NAME + tmp_suffix())
+    index = np.lib.format.open_memmap(index_tmp, mode="w+", dtype=np.int32, shape=(n_seqs, 2))
+    at = 0
+    for s in sides:
+        n, n_tok = s["num_seqs"], s["num_tokens"]
+        if n:
+            with open(os.path.join(directory, s["name"] + ".bin"), "rb") as f:
+                f.seek(n_tok * (dtype.itemsize + 1))
+                index[at:at + n] = np.frombuffer(f.read(n * 8), dtype=np.int32).reshape(n, 2)
+        at += n
+    index.flush()
+    del index
+    publish_once(index_tmp, os.path.join(directory, INDEX_NAME))
+    if unit_values:
+        values = np.asarray([v for s in sides for v in s.get("unit_values", [])], dtype=np.float32)  # (units,)
+        values_tmp = os.path.join(directory, VALUES_NAME + tmp_suffix())
+        with open(values_tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
+            np.save(f, values)
+        publish_once(values_tmp, os.path.join(directory, VALUES_NAME))
+    bad = [b for s in sides for b in s.get("bad", [])]
+    if bad:
+        bad_tmp = os.path.join(directory, BAD_ROWS_NAME + tmp_suffix())
+        with open(bad_tmp, "w") as f:
+            for origin, reason in bad:
+                f.write(json.dumps({"origin": origin, "reason": reason}) + "\n")
+        publish_once(bad_tmp, os.path.join(directory, BAD_ROWS_NAME))
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "seqs_per_unit": seqs_per_unit, "dtype": dtype.name,
+        "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
+        "num_seqs": n_seqs, "num_tokens": sum(s["num_tokens"] for s in sides),
+        "rows": sum(s.get("rows", 0) for s in sides), "bad_rows": len(bad),
+        "dropped_too_long": sum(s.get("dropped_too_long", 0) for s in sides),
+        "fingerprint": data_fingerprint(seqs_per_unit, sides), "unit_values": unit_values, **(extra or {}),
+    }
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not publish_json_once(path, manifest):
+        manifest = read_sidecar(path) or manifest
+    return manifest
+
+
+def read_bad_rows(directory: str) -> list[tuple[str, str]]:
+    """A prepared split's skipped rows [(origin, reason)], in file order (one file)."""
+    path = os.path.join(directory, BAD_ROWS_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(r["origin"], r["reason"]) for r in map(json.loads, f)]
 
 
 # Content hash of a sequence list that chunks combine without re-reading any token: a polynomial
@@ -257,7 +367,11 @@ def data_fingerprint(seqs_per_unit: int, chunks: list[dict]) -> str:
 
 class SampleStore(_Samples):
     """The sequences of a prepared directory, read by position with pread (see TokenShards.tokens for why
-    not a memmap: mapped page-cache folios would count towards the process's resident memory)."""
+    not a memmap: mapped page-cache folios would count towards the process's resident memory).
+
+    Opening reads manifest.json and index.npy only (no per-chunk file is touched: on Lustre/NFS,
+    64 ranks x 10^5 chunks x a few stats each would be millions of metadata operations per start);
+    a damaged chunk file shows when it is read, as a SampleStoreError naming it."""
 
     def __init__(self, directory: str):
         self.dir = os.path.abspath(directory)
@@ -267,8 +381,13 @@ class SampleStore(_Samples):
                 m = json.load(f)
             if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
                 raise ValueError(f"not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
+            index = np.load(os.path.join(self.dir, INDEX_NAME), allow_pickle=False)  # (num_seqs, 2) int32
         except (OSError, ValueError) as e:
-            raise SampleStoreError(f"{path} is missing or unreadable ({e}); delete {self.dir} to prepare again") from None
+            raise SampleStoreError(f"{path} or its {INDEX_NAME} is missing or unreadable ({e}); delete {self.dir} "
+                                   "to prepare again") from None
+        if index.shape != (m["num_seqs"], 2):
+            raise SampleStoreError(f"{self.dir}/{INDEX_NAME} holds {index.shape[0]} sequences, the manifest "
+                                   f"{m['num_seqs']}; delete {self.dir} to prepare again")
         self.manifest = m
         self.seqs_per_unit, self.dtype = int(m["seqs_per_unit"]), np.dtype(m["dtype"])
         self._chunks = [c["name"] for c in m["chunks"]]
@@ -276,9 +395,9 @@ class SampleStore(_Samples):
         tok_counts = np.array([c["num_tokens"] for c in m["chunks"]], dtype=np.int64)
         self._chunk_seq0 = np.concatenate([[0], np.cumsum(seq_counts)])  # (chunks + 1,)
         self._chunk_tok0 = np.concatenate([[0], np.cumsum(tok_counts)])
-        seqs = [self._load_seqs(c) for c in m["chunks"]]
-        seqs = np.concatenate(seqs) if seqs else np.zeros((0, 2), np.int32)  # (num_seqs, 2)
-        self._lengths, self._targets = np.ascontiguousarray(seqs[:, 0]), np.ascontiguousarray(seqs[:, 1])
+        self._chunk_tokens = tok_counts
+        self._lengths, self._targets = np.ascontiguousarray(index[:, 0]), np.ascontiguousarray(index[:, 1])
+        del index
         self._starts = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])  # (num_seqs + 1,)
         self._open: OrderedDict = OrderedDict()
         self._max_open = _max_open_files()
@@ -286,18 +405,21 @@ class SampleStore(_Samples):
         # eval_fraction view reads this same store: the LRU must not close an fd another thread uses
         self._lock = threading.Lock()
         self._unit_lengths = None
+        self._values = self._load_values() if m.get("unit_values") else None
 
-    def _load_seqs(self, c: dict) -> np.ndarray:
-        base = os.path.join(self.dir, c["name"])
-        for ext, size in ((".ids", c["num_tokens"] * self.dtype.itemsize), (".mask", c["num_tokens"])):
-            if not os.path.isfile(base + ext) or os.path.getsize(base + ext) != size:
-                raise SampleStoreError(f"{base}{ext} is missing or has the wrong size (the manifest says "
-                                       f"{size} bytes); delete {self.dir} to prepare again")
-        seqs = np.load(base + ".seqs.npy", allow_pickle=False)
-        if seqs.shape != (c["num_seqs"], 2):
-            raise SampleStoreError(f"{base}.seqs.npy holds {seqs.shape[0]} sequences, the manifest "
-                                   f"{c['num_seqs']}; delete {self.dir} to prepare again")
-        return seqs
+    def _load_values(self) -> np.ndarray:
+        path = os.path.join(self.dir, VALUES_NAME)
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SampleStoreError(f"{path} is missing or unreadable ({e}); delete {self.dir} to prepare again") from None
+        if values.shape != (len(self),):
+            raise SampleStoreError(f"{path} holds {values.shape} values for {len(self)} units; delete {self.dir} "
+                                   "to prepare again")
+        return values
+
+    def unit_values(self) -> Optional[np.ndarray]:
+        return self._values
 
     @property
     def num_seqs(self) -> int:
@@ -316,35 +438,47 @@ class SampleStore(_Samples):
     def seq_targets(self) -> np.ndarray:
         return self._targets
 
-    def _fd(self, c: int, ext: str) -> int:
-        key = (c, ext)
-        fd = self._open.get(key)
+    def _fd(self, c: int) -> int:
+        fd = self._open.get(c)
         if fd is None:
-            fd = os.open(os.path.join(self.dir, self._chunks[c] + ext), os.O_RDONLY)
-            self._open[key] = fd
+            try:
+                fd = os.open(os.path.join(self.dir, self._chunks[c] + ".bin"), os.O_RDONLY)
+            except OSError as e:
+                raise SampleStoreError(f"{self.dir}/{self._chunks[c]}.bin cannot be opened ({e.strerror}); "
+                                       f"delete {self.dir} to prepare again") from None
+            self._open[c] = fd
             while len(self._open) > self._max_open:
                 os.close(self._open.popitem(last=False)[1])
         else:
-            self._open.move_to_end(key)
+            self._open.move_to_end(c)
         return fd
 
-    def _pread(self, c: int, ext: str, dtype: np.dtype, start: int, length: int) -> np.ndarray:
+    def _pread(self, c: int, dtype: np.dtype, byte_offset: int, length: int) -> np.ndarray:
         out = np.empty(length, dtype=dtype)
-        got = os.preadv(self._fd(c, ext), [out], start * dtype.itemsize)
+        got = os.preadv(self._fd(c), [out], byte_offset)
         if got != out.nbytes:
-            raise SampleStoreError(f"{self.dir}/{self._chunks[c]}{ext} ended early (read {got} of {out.nbytes} B): "
+            raise SampleStoreError(f"{self.dir}/{self._chunks[c]}.bin ended early (read {got} of {out.nbytes} B): "
                                    f"it changed after it was prepared; delete {self.dir} to prepare again")
         return out
 
-    def seq(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence j; the caller holds the lock. Two preads on the chunk's one descriptor."""
         if not 0 <= j < self.num_seqs:
             raise IndexError(f"sequence {j} outside 0..{self.num_seqs - 1}")
         c = int(np.searchsorted(self._chunk_seq0, j, side="right")) - 1
         start, n = int(self._starts[j] - self._chunk_tok0[c]), int(self._lengths[j])
-        with self._lock:
-            ids = self._pread(c, ".ids", self.dtype, start, n).astype(np.int32)
-            mask = self._pread(c, ".mask", np.dtype(np.uint8), start, n).view(bool)
+        ids = self._pread(c, self.dtype, start * self.dtype.itemsize, n).astype(np.int32)
+        mask_at = int(self._chunk_tokens[c]) * self.dtype.itemsize + start  # the mask follows the chunk's ids
+        mask = self._pread(c, np.dtype(np.uint8), mask_at, n).view(bool)
         return ids, np.where(mask, ids, np.int32(IGNORE_INDEX))
+
+    def seq(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self._read(j)
+
+    def read_seqs(self, seq_ids) -> dict:
+        with self._lock:  # one acquisition per step, reads in file order
+            return {j: self._read(j) for j in sorted(set(int(j) for j in seq_ids))}
 
     def close(self) -> None:
         with self._lock:
@@ -369,14 +503,22 @@ class SampleStore(_Samples):
 
 
 def _max_open_files() -> int:
-    """File descriptors kept open (LRU): a quarter of the soft limit, at most 1024."""
+    """File descriptors kept open (LRU, one per chunk): the soft limit is raised to the hard one
+    first (commonly 1024 -> 2^19+), then a quarter of it, at most 16384."""
     try:
         import resource
 
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if 0 < soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):  # not allowed here: keep the soft limit
+                pass
+    except ImportError:
         soft = 1024
-    return max(8, min(1024, soft // 4 if soft > 0 else 256))
+    return max(8, min(16384, soft // 4 if soft > 0 else 256))
 
 
 def cache_key(*parts) -> str:

@@ -19,17 +19,28 @@ from .splits import load_split
 
 
 class LazyBatches:
-    """This rank's eval micro-batches, collated when iterated: the eval set is never held as tensors."""
+    """This rank's eval micro-batches, collated when iterated: the eval set is never held as tensors.
+    The next batch is read and collated in a background thread while the model runs on this one
+    (the reads are preads that release the GIL; on a network file system they are latency-bound)."""
 
-    def __init__(self, collate, samples, micro_batches: list):
+    def __init__(self, collate, samples, micro_batches):
         self.collate, self.samples, self.micro_batches = collate, samples, micro_batches
 
     def __len__(self) -> int:
         return len(self.micro_batches)
 
     def __iter__(self):
-        for rows in self.micro_batches:
-            yield self.collate(self.samples, rows)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="eval-prefetch") as pool:
+            pending = None
+            for rows in self.micro_batches:
+                ahead = pool.submit(self.collate, self.samples, rows)
+                if pending is not None:
+                    yield pending.result()
+                pending = ahead
+            if pending is not None:
+                yield pending.result()
 
 
 class SequenceData:
@@ -51,14 +62,22 @@ class SequenceData:
         self.eval_samples, self.eval_weights = eval_set, (unit_weights(eval_set) if eval_set is not None else None)
         self.micro_batch_size, self.eval_max_batches, self.info = t.micro_batch_size, t.eval_max_batches, info
 
-    def collate(self, samples, rows: list) -> dict:
+    def collate(self, samples, rows: list, got: Optional[dict] = None) -> dict:
         """Packed: a row holds every sequence of its units. Unpacked: one sequence per row (a DPO
-        pair becomes two rows, chosen then rejected, so sequence order is the same either way)."""
+        pair becomes two rows, chosen then rejected, so sequence order is the same either way).
+        `got`: the sequences already read ({seq id: (ids, labels)}), else read here in one sorted pass."""
+        k = samples.seqs_per_unit
+        if got is None:
+            got = samples.read_seqs(_seq_ids([rows], k))
+        unit = lambda u: [got[u * k + j] for j in range(k)]  # noqa: E731
         if self.packing:
-            seq_rows = [[s for u in row for s in samples.unit(u)] for row in rows]
+            seq_rows = [[s for u in row for s in unit(u)] for row in rows]
         else:
-            seq_rows = [[s] for row in rows for u in row for s in samples.unit(u)]
+            seq_rows = [[s] for row in rows for u in row for s in unit(u)]
         batch = collate_sequences(seq_rows, self.pad_id)
+        values = samples.unit_values()
+        if values is not None:  # (units,) -> this batch's units in sequence order (the reward margin)
+            batch["unit_values"] = torch.from_numpy(values[[u for row in rows for u in row]].astype(np.float32))
         if self.unit_ids:
             offset = 0 if samples is self.samples else len(self.samples)  # eval units follow train units
             batch["unit_ids"] = torch.tensor([offset + u for row in rows for u in row], dtype=torch.long)
@@ -68,7 +87,9 @@ class SequenceData:
         return self.planner.next_step()
 
     def batches(self, plan: StepPlan) -> list[dict]:
-        return [self.collate(self.samples, rows) for rows in plan.micro_batches]
+        # the whole step's sequences in one sorted pass: reads in file order, one lock acquisition
+        got = self.samples.read_seqs(_seq_ids(plan.micro_batches, self.samples.seqs_per_unit))
+        return [self.collate(self.samples, rows, got) for rows in plan.micro_batches]
 
     def eval_set(self) -> Optional[EvalSet]:
         if self.eval_samples is None or len(self.eval_samples) == 0:
@@ -77,11 +98,8 @@ class SequenceData:
         lengths = self.eval_samples.unit_lengths()
         mine = eval_micro_batches(lengths, self.packing, self.row_len, mbs, world, rank, self.eval_max_batches)
         batches = LazyBatches(self.collate, self.eval_samples, mine)
-        if self.eval_max_batches:  # a subset: normalise by what all ranks actually evaluate
-            used = eval_micro_batches(lengths, self.packing, self.row_len, mbs, 1, 0, self.eval_max_batches * world)
-            weight = int(sum(self.eval_weights[u] for b in used for row in b for u in row))
-        else:
-            weight = int(self.eval_weights.sum())
+        # with eval_max_batches a subset: normalise by what all ranks actually evaluate (units in file order)
+        weight = int(np.asarray(self.eval_weights)[:mine.units_evaluated()].sum())
         return EvalSet(batches, weight)
 
     # --- every unit once, before training ---
@@ -106,12 +124,18 @@ class SequenceData:
         self.planner.load_state_dict(state)
 
 
+def _seq_ids(micro_batches: list, seqs_per_unit: int) -> list[int]:
+    k = seqs_per_unit
+    return [u * k + j for rows in micro_batches for row in rows for u in row for j in range(k)]
+
+
 def sequence_data(ctx: DataContext, kind: str, unit_weights: Callable[..., np.ndarray],
-                  unit_ids: bool = False) -> SequenceData:
+                  unit_ids: bool = False, value_column: Optional[str] = None) -> SequenceData:
     """data.train (and data.eval, or a data.eval_fraction split of train) prepared as `kind`
-    ("sft" | "dpo") sequences, ready for the loop."""
-    train = load_split(ctx, "data.train", kind)
-    eval_set = load_split(ctx, "data.eval", kind) if ctx.data.eval else None
+    ("sft" | "dpo") sequences, ready for the loop; value_column: a per-unit number each batch carries
+    as "unit_values" (the reward model's margin)."""
+    train = load_split(ctx, "data.train", kind, value_column)
+    eval_set = load_split(ctx, "data.eval", kind, value_column) if ctx.data.eval else None
     if eval_set is None and ctx.data.eval_fraction > 0:
         train, eval_set = split_eval(train, ctx.data.eval_fraction, ctx.train.seed)
     return SequenceData(ctx.data, ctx.train, ctx.info, train, eval_set, ctx.tokenizer.pad_token_id,

@@ -184,26 +184,27 @@ def init(timeout_minutes: float = 30.0, backend: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world, local_world, launcher, device, backend)
 
 
-def shutdown() -> None:
-    """Wait for every rank, then tear the process group down."""
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Wait for every rank (unless a peer is known to be gone or busy), then tear the process group down."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         try:
-            if dist.get_world_size() > 1:
+            if dist.get_world_size() > 1 and wait_for_peers:
                 dist.barrier()
         except Exception:  # a rank already gone: nothing left to wait for
             pass
         dist.destroy_process_group()
 
 
-def finish(code: int) -> int:
-    """End a process that may have run collectives: wait for every rank, tear the group down and,
+def finish(code: int, wait_for_peers: bool = True) -> int:
+    """End a process that may have run collectives: wait for every rank (not after a failed wait for a
+    rank that died or is still working: that barrier would last dist.timeout_minutes), tear the group down and,
     with several ranks, leave through os._exit. Interpreter finalisation can race gloo's worker
     threads releasing tensors and abort the process (seen ~1 in 4 multi-rank runs under mpirun),
     which would turn a finished run into a crash. mpirun also needs MPI_Finalize first."""
     multi_rank = world_size() > 1
-    shutdown()
+    shutdown(wait_for_peers)
     if not multi_rank:
         return code
     mpi = sys.modules.get("mpi4py.MPI")

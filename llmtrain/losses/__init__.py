@@ -2,7 +2,8 @@
 
 Torch only (no transformers / deepspeed import), so every loss can be tested on CPU
 against hand computations. token_logps.py: label log-probs (chunked LM head); causal_lm.py:
-pretraining/SFT; sequence.py: per-sequence sums; preference.py: the DPO family and its registry.
+pretraining/SFT; sequence.py: per-sequence sums; preference.py: the DPO family and its registry;
+reward.py: the reward model's Bradley-Terry loss and its last-token read-out.
 
 Conventions
 -----------
@@ -22,9 +23,11 @@ from ..data.labels import IGNORE_INDEX
 from .causal_lm import causal_lm_loss
 from .preference import (PREFERENCE_LOSSES, PreferenceLoss, chosen_nll_loss, dpo_hinge_loss, dpo_ipo_loss,
                          dpo_sigmoid_loss)
+from .reward import bradley_terry_loss, last_token_values, reward_metrics
 from .sequence import packed_sequence_logps, sequence_logps
 from .token_logps import Metrics, shift_labels, token_logps_and_sum_ce, token_logps_from_logits
 
-__all__ = ["IGNORE_INDEX", "PREFERENCE_LOSSES", "Metrics", "PreferenceLoss", "causal_lm_loss", "chosen_nll_loss",
+__all__ = ["IGNORE_INDEX", "PREFERENCE_LOSSES", "Metrics", "PreferenceLoss", "bradley_terry_loss", "causal_lm_loss",
+           "chosen_nll_loss", "last_token_values", "reward_metrics",
            "dpo_hinge_loss", "dpo_ipo_loss", "dpo_sigmoid_loss", "packed_sequence_logps", "sequence_logps",
            "shift_labels", "token_logps_and_sum_ce", "token_logps_from_logits"]

@@ -143,10 +143,6 @@ def chosen_nll_loss(
     return _reduce(per_pair, reduction)
 
 
-# name in the recipe (dpo.loss_type) -> loss function. Extra arguments (label_smoothing for
-# "sigmoid") are bound by the caller, e.g. with functools.partial.
-
-
 @dataclass(frozen=True)
 class PreferenceLoss:
     """One dpo.loss entry: its pure function and what it needs beyond summed log-probs."""
@@ -168,7 +164,8 @@ class PreferenceLoss:
         return self.fn(*logps, beta, reduction=reduction, **{k: options[k] for k in self.options})
 
 
-# dpo.loss -> its entry
+# dpo.loss (the recipe's name of the loss) -> its entry; an entry passes on the DPOConfig options it
+# names (label_smoothing for "sigmoid") and normalises by length where its loss needs it (IPO)
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "sigmoid": PreferenceLoss(dpo_sigmoid_loss, options=("label_smoothing",)),
     "ipo": PreferenceLoss(dpo_ipo_loss, length_normalised=True),

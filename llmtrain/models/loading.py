@@ -3,6 +3,7 @@ the objective's head, partitioned while it loads under ZeRO-3, LoRA-wrapped when
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -12,9 +13,25 @@ from .attention import choose_attention
 from .hub import load_error
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Objective.head -> the transformers auto class that builds it (a reward model adds its
-# sequence-classification head here, issue 14)
-HEADS = {"causal_lm": "AutoModelForCausalLM"}
+
+
+@dataclass(frozen=True)
+class Head:
+    """What an Objective.head builds: the transformers auto class, extra config values, the PEFT task."""
+
+    auto_class: str
+    config: tuple = ()  # (name, value) pairs set on the model config (from_config and from_pretrained)
+    peft_task: str = "CAUSAL_LM"  # peft.LoraConfig.task_type: which PeftModel class wraps it (and merges it)
+    modules_to_save: tuple = ()  # trained fully beside a LoRA adapter (a new head has no base weights to adapt)
+
+
+# Objective.head -> its Head. seq_cls: the architecture's sequence-classification class with one label
+# (a scalar reward): the causal LM's trunk loads from its checkpoint, the `score` head (hidden -> 1) is new
+HEADS = {
+    "causal_lm": Head("AutoModelForCausalLM"),
+    "seq_cls": Head("AutoModelForSequenceClassification", config=(("num_labels", 1),), peft_task="SEQ_CLS",
+                    modules_to_save=("score",)),
+}
 
 
 def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: dict, precision: str,
@@ -29,7 +46,8 @@ def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: 
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    auto_class = getattr(transformers, HEADS[head])
+    spec_head = HEADS[head]
+    auto_class = getattr(transformers, spec_head.auto_class)
     dtype = _DTYPES[precision]
     attn = choose_attention(m.attn_implementation, device, dtype)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -45,6 +63,7 @@ def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: 
         spec = dict(m.config)
         model_type = spec.pop("model_type")
         spec.setdefault("vocab_size", len(tokenizer))
+        spec.update(spec_head.config)
         for name in ("pad", "eos", "bos"):
             if getattr(tokenizer, f"{name}_token_id") is not None:
                 spec.setdefault(f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
@@ -61,7 +80,7 @@ def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: 
         try:
             model = auto_class.from_pretrained(
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                dtype=dtype, attn_implementation=attn, **quant,
+                dtype=dtype, attn_implementation=attn, **quant, **dict(spec_head.config),
             )
         except ConfigError:
             raise
@@ -73,12 +92,16 @@ def load_model(m: ModelConfig, lo: LoraConfig, seed: int, tokenizer, ds_config: 
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
         )
     model.config.use_cache = False  # a KV cache would stop transformers isolating packed samples
+    if head != "causal_lm" and model.config.pad_token_id is None:
+        # HF's sequence-classification forward refuses batches > 1 without it (many checkpoints have none)
+        model.config.pad_token_id = tokenizer.pad_token_id
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lo.enabled:
         from .lora import apply_lora
 
-        model = apply_lora(model, lo, m, dtype)  # base frozen: only adapter params require grad
+        model = apply_lora(model, lo, m, dtype, task_type=spec_head.peft_task,
+                           extra_modules_to_save=spec_head.modules_to_save)  # base frozen: only adapter params require grad
     return model
 
 

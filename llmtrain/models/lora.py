@@ -54,12 +54,16 @@ def quantization_kwargs(device: torch.device) -> dict:
 # --------------------------------------------------------------------------- wrapping
 
 
-def peft_config(lo: LoraConfig, revision: str | None = None):
+def peft_config(lo: LoraConfig, revision: str | None = None, task_type: str = "CAUSAL_LM",
+                extra_modules_to_save: tuple = ()):
+    """task_type: the model head's PEFT task (models.loading.HEADS): SEQ_CLS for a reward model, whose
+    new `score` head (extra_modules_to_save) is trained fully and saved in the adapter."""
     from peft import LoraConfig as PeftLoraConfig
 
+    to_save = list(lo.modules_to_save) + [n for n in extra_modules_to_save if n not in lo.modules_to_save]
     return PeftLoraConfig(
-        task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-        target_modules=lo.target_modules, modules_to_save=list(lo.modules_to_save) or None,
+        task_type=task_type, r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+        target_modules=lo.target_modules, modules_to_save=to_save or None,
         use_dora=lo.use_dora, bias="none",
         revision=revision,  # model.revision, recorded in adapter_config.json: a merge loads this base revision (PEFT's convention)
     )
@@ -76,7 +80,8 @@ def _linear_names(model: torch.nn.Module, limit: int = 8) -> list[str]:
     return names[:limit]
 
 
-def apply_lora(model: torch.nn.Module, lo: LoraConfig, m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lo: LoraConfig, m: ModelConfig, dtype: torch.dtype,
+               task_type: str = "CAUSAL_LM", extra_modules_to_save: tuple = ()) -> torch.nn.Module:
     """Base model -> PeftModel with only adapter (and modules_to_save) parameters trainable.
 
     `dtype` is the base's unquantised dtype: what a merged export is written in."""
@@ -88,7 +93,7 @@ def apply_lora(model: torch.nn.Module, lo: LoraConfig, m: ModelConfig, dtype: to
             model, use_gradient_checkpointing=m.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        model = get_peft_model(model, peft_config(lo, m.revision))
+        model = get_peft_model(model, peft_config(lo, m.revision, task_type, extra_modules_to_save))
     except ValueError as e:
         msg = str(e)
         if "not found in the base model" in msg or "Target module" in msg:
@@ -141,7 +146,10 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     (+ the adapter's tokenizer, else the base's) to out_dir. `revision` overrides the recorded
     one; `trust_remote_code` is needed for a base whose model code ships with it."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _MERGE_CLASSES = {"CAUSAL_LM": (AutoModelForCausalLM, {}),
+                      "SEQ_CLS": (AutoModelForSequenceClassification, {"num_labels": 1})}  # a scalar reward model
 
     cfg_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
@@ -155,8 +163,11 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     if revision is None and base == recorded:
         revision = adapter_cfg.get("revision")  # the revision the adapter was trained on
     load_args = {"revision": revision, "trust_remote_code": trust_remote_code}
+    # the adapter's task picks the head: a SEQ_CLS (reward) adapter merged into a causal LM would load
+    # without an error and silently drop its trained score head
+    auto_class, head_args = _MERGE_CLASSES.get(adapter_cfg.get("task_type") or "CAUSAL_LM", (AutoModelForCausalLM, {}))
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", **load_args)
+        model = auto_class.from_pretrained(base, dtype=dtype or "auto", **head_args, **load_args)
     except Exception as e:
         raise load_error("--base", base, e, "--trust-remote-code (model.trust_remote_code=true in a run)") from None
     try:
@@ -168,13 +179,17 @@ def merge_into_base(adapter_dir: str, out_dir: str, base: str | None = None, dty
     merged.config.use_cache = True
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
     own_tokenizer = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
     tok_src, tok_args = (adapter_dir, {}) if own_tokenizer else (base, load_args)
     try:
-        AutoTokenizer.from_pretrained(tok_src, **tok_args).save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_args)
     except Exception:  # a base without tokenizer files: the weights are still the point
-        pass
+        tokenizer = None
+    if head_args and merged.config.pad_token_id is None and tokenizer is not None:
+        merged.config.pad_token_id = tokenizer.pad_token_id  # as training set it (models.loading)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

@@ -4,7 +4,8 @@ The runner and the one loop (llmtrain/train/) know no task by name; they drive a
 
     objective = OBJECTIVES[command].from_config(cfg)    # picks the config sections it uses
     data = objective.build_data(ctx)                     # every rank: prepare/open train + eval data
-    model = models.load_model(..., head=objective.head)  # then the DeepSpeed engine
+    model = models.load_model(..., head=objective.head)
+    objective.prepare_model(model)                       # then the DeepSpeed engine
     objective.setup(run)                                 # engine exists; a resume has not loaded weights yet
     for each micro-batch of each step (train/loop.py):
         loss, sums = objective.loss(engine, batch, plan.global_weight)
@@ -58,6 +59,10 @@ class Objective(ABC):
     @abstractmethod
     def prepare_data(self, ctx: DataContext, opts: PrepareOptions) -> None:
         """Tokenize the recipe's data once, ahead of any run, where `build_data` will find it (`llmtrain prepare`)."""
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """After the model is loaded (LoRA-wrapped, partitioned under ZeRO-3) and before the engine takes its
+        weights (e.g. the reward model's zeroed head): the optimizer's master copy is made from these."""
 
     def setup(self, run: RunContext) -> None:
         """After the engine is built and before a resume loads weights (e.g. DPO's reference model)."""

@@ -1,7 +1,8 @@
 """The mask preview (`llmtrain inspect`, launch/inspect_data.py): what is trained, before GPU hours are spent on it.
 
-Text preview (default): decoded samples with trained tokens highlighted, the split's share of
-trained tokens and its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
+Text preview (default): the first N rows decoded with trained tokens highlighted (only those rows
+are read and encoded), then, when the split is prepared already, its share of trained tokens and
+its bad-row report. Data preview (`--json OUT`, DESIGN.md 1.4): JSON Lines, one
 object per row of the first N rows of data.train in file order,
   {"line": L, "input_ids": [...], "trained": [0/1, ...]}   trained[i] = 1 exactly when token i is a
                                                            loss target (labels[i] != IGNORE, i > 0)
@@ -49,27 +50,14 @@ def _line(origin: str) -> int:
 
 def mask_records(tok, d: DataConfig, n: int):
     """The first n rows of data.train as DESIGN.md 1.4 objects, encoded exactly as training encodes them."""
-    from ..data.sft import encode_row, iter_rows
-
-    chat = chat_options(d)
-    for k, (row, src) in enumerate(iter_rows(sources(d, "data.train"), "data.train")):
-        if k >= n:
-            return
-        if isinstance(row, BadRow):
-            yield {"line": _line(row.origin), "bad": row.reason}
+    for rec in preview_records(tok, d, n):
+        if len(rec) == 2:
+            yield {"line": _line(rec[0]), "bad": rec[1]}
             continue
-        try:
-            enc = encode_row(tok, row.record, src.format, d.max_seq_len, d.truncation, chat=chat)
-        except RowError as e:
-            yield {"line": _line(row.origin), "bad": str(e)}
-            continue
-        if enc is None:
-            yield {"line": _line(row.origin), "bad": f"longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)"}
-            continue
-        ids, labels = enc
+        origin, ids, labels = rec
         trained = (labels != IGNORE_INDEX).astype(np.int8)
         trained[:1] = 0  # nothing predicts the first token
-        yield {"line": _line(row.origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
+        yield {"line": _line(origin), "input_ids": ids.tolist(), "trained": trained.tolist()}
 
 
 def write_json(tok, d: DataConfig, n: int, out_path: str) -> int:
@@ -85,24 +73,54 @@ def write_json(tok, d: DataConfig, n: int, out_path: str) -> int:
     return rows
 
 
+def preview_records(tok, d: DataConfig, n: int):
+    """(origin, ids, labels) or (origin, reason) for the first n rows of data.train: only those rows are
+    read and encoded, as training encodes them (never the whole split)."""
+    from ..data.sft import encode_row, iter_rows
+
+    chat = chat_options(d)
+    for k, (row, src) in enumerate(iter_rows(sources(d, "data.train"), "data.train")):
+        if k >= n:
+            return
+        if isinstance(row, BadRow):
+            yield row.origin, row.reason
+            continue
+        try:
+            enc = encode_row(tok, row.record, src.format, d.max_seq_len, d.truncation, chat=chat)
+        except RowError as e:
+            yield row.origin, str(e)
+            continue
+        if enc is None:
+            yield row.origin, f"longer than data.max_seq_len={d.max_seq_len} (data.truncation=drop)"
+            continue
+        yield (row.origin, *enc)
+
+
+def print_rows(tok, d: DataConfig, n: int, color: bool) -> None:
+    """The first n rows of data.train with their trained tokens highlighted (or why each bad one is skipped)."""
+    for i, rec in enumerate(preview_records(tok, d, n)):
+        if len(rec) == 2:
+            print(f"--- row {i} ({rec[0]}): skipped: {rec[1]}")
+            continue
+        origin, ids, labels = rec
+        print(f"--- sample {i} ({origin}): {len(ids)} tokens, {int((labels[1:] != IGNORE_INDEX).sum())} trained ---")
+        print(highlight(tok, ids, labels, color))
+
+
 def prepared_train_split(d: DataConfig, output_dir: str, tok, tok_hash: str):
-    """data.train prepared exactly as a training run prepares it (parallel, cached: a later run reuses
-    it, and vice versa), except that every bad row is shown instead of stopping at the budget."""
-    from ..data.prepare_samples import prepared_split
+    """data.train's samples if a preparation (a training run, `llmtrain prepare`) made them already
+    (same request, same cache entry: nothing is tokenized here), else None."""
+    from ..data.prepare_samples import open_prepared
     from ..data.splits import prepare_request
 
-    request = prepare_request(d, output_dir, tok_hash, "data.train", "sft")
-    request.max_bad_fraction = 1.0
-    return prepared_split(request, tok)
+    return open_prepared(prepare_request(d, output_dir, tok_hash, "data.train", "sft"), tok)
 
 
-def print_preview(tok, samples, report, n: int, color: bool, max_seq_len: int) -> None:
-    """The first n samples with their trained tokens highlighted, then the split's totals and bad rows."""
-    for i in range(min(n, samples.num_seqs)):
-        ids, labels = samples.seq(i)
-        n_trained = int((labels[1:] != IGNORE_INDEX).sum())
-        print(f"--- sample {i}: {len(ids)} tokens, {n_trained} trained ---")
-        print(highlight(tok, ids, labels, color))
+def print_split_figures(samples, max_seq_len: int) -> None:
+    """The prepared split's totals (share of trained tokens, lengths) and its bad-row report."""
+    from ..data.prepare_samples import report_of
+
+    report = report_of(samples)
     targets = samples.seq_targets()
     total = int(samples.seq_lengths().sum())
     print(f"--- {samples.num_seqs} samples, {total} tokens, {int(targets.sum())} trained "

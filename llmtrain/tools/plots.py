@@ -18,8 +18,8 @@ _PANELS = [
     ("loss", [("loss", "train", "-"), ("eval_loss", "eval", "o--")]),
     ("learning rate", [("lr", "", "-")]),
     ("tokens/s (real tokens, all ranks)", [("tokens_per_sec", "", "-")]),
-    ("reward accuracy (DPO)", [("reward_accuracy", "train", "-"), ("eval_reward_accuracy", "eval", "o--")]),
-    ("reward margin (DPO)", [("reward_margin", "train", "-"), ("eval_reward_margin", "eval", "o--")]),
+    ("reward accuracy (DPO, reward model)", [("reward_accuracy", "train", "-"), ("eval_reward_accuracy", "eval", "o--")]),
+    ("reward margin (DPO, reward model)", [("reward_margin", "train", "-"), ("eval_reward_margin", "eval", "o--")]),
 ]
 
 

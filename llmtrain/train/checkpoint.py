@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -116,7 +117,8 @@ def dir_bytes(path: str) -> int:
 
 
 def free_bytes(path: str) -> int:
-    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest existing parent)."""
+    """Free bytes for an unprivileged writer on the filesystem holding `path` (or its nearest existing parent);
+    quotas are not included (see check_free_space)."""
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -150,7 +152,14 @@ def check_free_space(root: str, tag: str) -> None:
     """Every rank: fail (all together, before writing) when its filesystem has less free space than the
     previous checkpoint took. Failing early rather than warning: checkpoints of a run all have the same
     size, so the write would fail after minutes of I/O; stopping now writes nothing, removes nothing and
-    the message says how much to free. One all_gather per save (a few bytes per rank)."""
+    the message says how much to free. One all_gather per save (a few bytes per rank).
+
+    Free space means the filesystem's (statvfs, as `df` shows it). Per-user, group or project quotas on
+    shared filesystems (Lustre `lfs quota`, GPFS `mmlsquota`, NFS user quotas) are not visible there and
+    are not read: asking them is filesystem-specific, a subprocess per rank per save, and often not
+    allowed on compute nodes. XFS/ext4 project quotas (and NFS exports of them) do show in statvfs. A
+    write that hits a quota (EDQUOT, "Disk quota exceeded") ends like a full disk: one line, the
+    partial checkpoint removed, `latest` kept."""
     complete = complete_checkpoints(root)
     need = checkpoint_bytes(complete[-1][1]) if complete else 0
     mine = (dist.rank(), dist.host_name(), free_bytes(root), need)
@@ -209,7 +218,11 @@ def restore_rng(path: str, seed: int, step: int, saved_world: int) -> None:
     rank = dist.rank()
     rng_file = os.path.join(path, "rng", f"rank_{rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        try:  # weights-only like every other resume load: a refusal is one line, not a traceback
+            state = torch.load(rng_file, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ckpt_engine.refusal(rng_file, e) from None
+        set_rng_state(state)
     else:
         s = derived_seed(seed, step, rank)
         random.seed(s)

@@ -22,6 +22,14 @@ failed write (a full disk: "RuntimeError: [enforce fail at inline_container.cc:6
 pos") raises on the ranks that hit it while the others wait in the next barrier. The engine here
 records the failure, skips this rank's remaining writes and lets every rank run the same
 collectives to the end, so that checkpoint.save can agree on the outcome and clean up.
+
+Engines. DeepSpeed picks its checkpoint engine from the JSON's "checkpoint" block: TorchCheckpointEngine
+(default), FastCheckpointEngine ("writer": {...}, synchronous, DeepNVMe/aio writers on GPU nodes),
+DecoupledCheckpointEngine ("writer": {"decoupled": true}) or DataStatesCheckpointEngine ("datastates").
+The wrapper hands every CheckpointEngine method it does not change (writer election, commit info,
+cleanup, storage sharing) to the engine it wraps. Decoupled engines are refused with one line: their
+writes finish in a background process after the next optimizer step, so a failed write would go
+unseen and COMPLETE (checkpoint.py) would be written before the files are on disk.
 """
 from __future__ import annotations
 
@@ -75,23 +83,65 @@ def _checkpoint_engine_base():
     return CheckpointEngine
 
 
+def check_supported(inner, where: str = "the DeepSpeed config") -> None:
+    """Refuse (one line) a checkpoint engine whose writes complete asynchronously; stop its writer process."""
+    if not inner.is_decoupled():
+        return
+    name = getattr(inner, "name", None) or type(inner).__name__
+    try:
+        inner.cleanup()  # DecoupledCheckpointEngine started a writer process at engine init
+    except Exception:  # noqa: BLE001 - refusing anyway
+        pass
+    raise ConfigError(
+        f"{where}: DeepSpeed's {name} writes checkpoints asynchronously (in another process, finished after the next "
+        "step), so llmtrain could neither see a failed write nor mark a checkpoint COMPLETE only once it is on disk; "
+        'set "checkpoint": {"writer": {"decoupled": false}} (the same writer, synchronous) or drop the writer block')
+
+
 class SafeCheckpointEngine(_checkpoint_engine_base()):
-    """Wraps the engine DeepSpeed configured (keeps its serialization settings): weights-only loads,
-    recorded write failures. `errors` lists (path, one-line reason) of this rank's failed writes."""
+    """Wraps the engine DeepSpeed configured (keeps its serialization and writer settings): weights-only
+    loads, recorded write failures. `errors` lists (path, one-line reason) of this rank's failed writes.
+
+    Every method of CheckpointEngine is defined here: Python finds the base class's defaults before
+    __getattr__, so a method merely inherited would hide the inner engine's override (FastCheckpointEngine's
+    writer election, DataStates' storage sharing). tests/test_ckpt_engine.py checks the list is complete."""
 
     def __init__(self, inner):
         self.inner = inner
         self.name = getattr(inner, "name", "SafeCheckpointEngine")
         self.errors: list[tuple[str, str]] = []
 
-    def __getattr__(self, attr):  # anything not overridden: DeepSpeed's engine (decoupled flags, cleanup...)
+    def __getattr__(self, attr):  # attributes of the inner engine (its writer, config...)
+        if attr == "inner":  # not set yet (unpickling, copy): never recurse
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
+    # --- handed to the inner engine unchanged ---
     def create(self, info):
         return self.inner.create(info)
 
     def commit(self, info):
         return self.inner.commit(info)
+
+    def is_data_parallel_writer(self, dp_rank):
+        return self.inner.is_data_parallel_writer(dp_rank)
+
+    def is_decoupled(self):
+        return self.inner.is_decoupled()
+
+    def set_commit_info(self, info):
+        return self.inner.set_commit_info(info)
+
+    def get_commit_info(self):
+        return self.inner.get_commit_info()
+
+    def cleanup(self):
+        return self.inner.cleanup()
+
+    def preserves_storage_sharing(self):
+        return self.inner.preserves_storage_sharing()
+
+    # --- changed: failures recorded, loads weights-only ---
 
     def _record(self, path: str, e: BaseException) -> None:
         from ..distributed.waiting import one_line
@@ -129,6 +179,7 @@ def install(engine) -> SafeCheckpointEngine:
     inner = engine.checkpoint_engine
     if isinstance(inner, SafeCheckpointEngine):
         inner = inner.inner
+    check_supported(inner)
     safe = SafeCheckpointEngine(inner)
     engine.checkpoint_engine = safe
     original = type(engine)._copy_recovery_script

@@ -105,8 +105,10 @@ def _no_update(engine):
 
 
 def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_size: int,
-               device: torch.device, mesh=None, mpu=None) -> EngineAdapter:
-    """deepspeed.initialize with AdamW groups (optim.param_groups) and the recipe's LR schedule.
+               device: torch.device, ds_config_path: str = "the DeepSpeed config", mesh=None,
+               mpu=None) -> EngineAdapter:
+    """deepspeed.initialize with AdamW groups (optim.param_groups) and the recipe's LR schedule;
+    ds_config_path (deepspeed.config) names the JSON in the refusal of an asynchronous checkpoint writer.
     mesh: distributed.mesh.Mesh; mpu: DeepSpeed's SP state (models.sequence_parallel.register)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
@@ -121,6 +123,9 @@ def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_si
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
         mpu=mpu,
     )
+    from .ckpt_engine import check_supported
+
+    check_supported(engine.checkpoint_engine, ds_config_path)  # before training, not at the first save
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     dp, sp = (mesh.dp, mesh.sp) if mesh is not None else (world_size, 1)
     return EngineAdapter(engine, stage=stage, grad_scale=backward_scale(t.grad_accum, dp, sp, stage), device=device)

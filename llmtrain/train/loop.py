@@ -78,6 +78,19 @@ class Prefetcher:
         return item
 
 
+class Inline:
+    """The Prefetcher's interface without the thread, for data whose planning runs the model
+    (RL rollouts generate with the engine: ZeRO-3 collectives on a second thread would interleave
+    with training's)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def next(self):
+        plan = self.data.next_step()
+        return plan, self.data.batches(plan), self.data.state_dict()
+
+
 def train_loop(run) -> RunState:
     """`run` (runner.Run) carries the train settings, info, engine adapter, objective, data, logger
     and the resumed RunState."""
@@ -93,7 +106,10 @@ def train_loop(run) -> RunState:
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
 
-    prefetch = Prefetcher(data, t.max_steps - state.step, pin=info.device.type == "cuda")
+    if getattr(data, "prefetch_safe", True):
+        prefetch = Prefetcher(data, t.max_steps - state.step, pin=info.device.type == "cuda")
+    else:
+        prefetch = Inline(data)
     while state.step < t.max_steps:
         plan, batches, run.data_state = prefetch.next()
         lr_used = adapter.lr()  # the LR this step applies: the scheduler moves it on inside engine.step()
@@ -146,6 +162,7 @@ def train_loop(run) -> RunState:
                 row["loss_scale"] = adapter.loss_scale()  # after this step's update (halved on an overflow)
             row.update(throughput_columns(row["tokens_per_sec"], info.world_size, model_flops_per_token, peak))
             row.update({k: v / max(plan.global_weight, 1) for k, v in zip(names, packed[1:])})
+            row.update(plan.metrics)
             if not math.isfinite(row["loss"]):
                 dist.warn(f"step {state.step}: non-finite loss {row['loss']}")
             logger.log(row)

@@ -7,6 +7,7 @@ that holds the whole recipe; it hands each other component the section it uses.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import random
 import shutil
@@ -96,8 +97,10 @@ class Run:
     def load_model(self, ds_config: dict) -> torch.nn.Module:
         """The starting model once more, exactly as the run loaded it (RunContext.load_model)."""
         c = self.cfg
-        return load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
-                          head=self.objective.head)
+        model = load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
+                           head=self.objective.head)
+        self.objective.prepare_model(model)
+        return model
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -165,8 +168,13 @@ def _start(cfg: Config, info) -> Optional[str]:
         check_resume_tp(cfg, resume_path)
     if info.is_main:
         if cfg.overwrite_output_dir and resume_path is None:
-            for sub in ("checkpoints", "final", "cache"):  # asked for explicitly: the old run goes
+            for sub in ("checkpoints", "final"):  # asked for explicitly: the old run goes
                 shutil.rmtree(os.path.join(cfg.output_dir, sub), ignore_errors=True)
+            # but not the prepared data in output_dir/cache: it is keyed by content (another job may be
+            # reading it, `llmtrain prepare` may have made it for this run); the DPO reference log-probs
+            # there are keyed by the model's path only, and its weights may have changed: those go
+            for f in glob.glob(os.path.join(cfg.output_dir, "cache", "ref_logps-*")):
+                os.remove(f)
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_resolved(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         checkpoint.write_run_id(cfg.output_dir, fresh=resume_path is None)  # checkpoints carry it (universal.py)
@@ -183,7 +191,7 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
     # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
     dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                 "loading it through a universal checkpoint")
-    ds_config["checkpoint"] = {"load_universal": True}
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True  # keeps the JSON's writer settings
     return universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
 
 
@@ -207,13 +215,14 @@ def setup(cfg: Config, objective: Objective) -> Run:
     data = objective.build_data(DataContext.of(cfg, tokenizer, info, tok_hash))
     resume_path = _universal_if_resized(cfg, info, ds_config, resume_path)
     model = load_model(cfg.model, cfg.lora, t.seed, tokenizer, ds_config, precision, info.device, head=objective.head)
+    objective.prepare_model(model)  # e.g. the reward model's zeroed head: before the engine copies the weights
     model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
     check_model(cfg.parallel, model.config)  # heads divisible by SP/TP, a TP-supported architecture
     # Ulysses attention + SP groups, before deepspeed.initialize (every rank; a no-op without SP)
     mpu = sequence_parallel.register(model, mesh.sp).mpu if mesh.sp > 1 else None
     trainable, total = count_parameters(model)
     model_flops = flops_per_token(model, cfg.data.max_seq_len)  # before AutoTP replaces layers by shards
-    adapter = initialize(model, t, ds_config, info.world_size, info.device, mesh=mesh, mpu=mpu)
+    adapter = initialize(model, t, ds_config, info.world_size, info.device, cfg.deepspeed.config, mesh=mesh, mpu=mpu)
     dist.print0(
         f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
         f"ZeRO-{adapter.stage}, {mesh.describe()}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
@@ -257,7 +266,8 @@ def run_task(cfg: Config, objective: Objective) -> Run:
             dist.print0(f"{cfg.output_dir}: already trained to train.max_steps={cfg.train.max_steps}; nothing to do")
             return run
         train_loop(run)
-        export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step)
+        export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step,
+                         stale_minutes=cfg.dist.stale_minutes)
         plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png, or a line saying why there is none
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:

@@ -202,7 +202,7 @@ def test_missing_slurm_rank_fails_in_one_line_naming_it(tiny_model_dir, tmp_path
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert f"rank 0 (host " in line and "only 1 of 2 ranks (SLURM_NTASKS=2)" in line, line
+    assert "rank 0 (host " in line and "only 1 of 2 ranks (SLURM_NTASKS=2)" in line, line
     assert f"127.0.0.1:{port} within 0.1 min" in line and "missing rank(s) 1;" in line, line
     assert elapsed < 60, elapsed
 

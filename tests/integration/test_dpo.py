@@ -277,7 +277,7 @@ def test_make_dpo_pairs_rejects_the_models_own_greedy_mistakes(tiny_model_dir, t
     rows = [json.loads(l) for l in open(os.path.join(REPO, "data/demo/dpo_eval.jsonl"))][:6]
     source, out = tmp_path / "src.jsonl", tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = python_cmd("scripts/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(source),
+    cmd = python_cmd("examples/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(source),
                      "--out", str(out), "--samples", "1")
     proc = run_cmd(cmd, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -306,7 +306,7 @@ def test_make_dpo_pairs_rejects_the_models_own_greedy_mistakes(tiny_model_dir, t
     # a bad source row: one line naming file:line, no traceback
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
-    proc = run_cmd(python_cmd("scripts/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(bad),
+    proc = run_cmd(python_cmd("examples/make_dpo_pairs.py", "--model", tiny_model_dir, "--source", str(bad),
                               "--out", str(tmp_path / "bad_pairs.jsonl")), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {bad}:2: chosen equals rejected: nothing to prefer"

@@ -5,10 +5,7 @@ import glob
 import os
 import signal
 import subprocess
-import sys
 import time
-
-import pytest
 
 from conftest import REPO, base_recipe, python_cmd, read_metrics, run_cmd, train_losses, write_recipe
 
@@ -55,7 +52,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_losses(tmp_path, tiny_model_
     assert 2 <= stopped_at < 8 and "checkpointed at step" in log
     proc = run_cmd(python_cmd("launch/sft.py", "--recipe", path), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout
     assert train_losses(recipe["output_dir"]) == reference  # bitwise: same data, RNG, optimizer state
 
 

@@ -196,3 +196,41 @@ def test_the_converter_unpickles_nothing_and_leaves_nothing_when_it_fails(tmp_pa
         universal._convert_once(source, out)  # rank 0's part of universal.prepare
     assert not sentinel.exists() and "\n" not in str(e.value)
     assert not os.path.exists(out)
+
+
+GiB = 2**30
+
+
+def test_converter_workers_are_bounded_by_cpus_shards_and_memory():
+    """plan_workers against hand-computed counts: min(CPUs, 8), extract <= shard files, and
+    available // (1.5 x shard) extract, available // (3 x largest fp32 parameter) merge workers, >= 1."""
+    # a 70B full fine-tune on 64 ranks: 13 GiB shards, a 4.2 GB embedding, a 2 TiB node: 8 and 8
+    assert universal.plan_workers(224, 2048 * GiB, 64, 13 * GiB, int(4.2e9)) == (8, 8)
+    # memory-bound: 100 GiB for 20 GiB shards -> 100 // 30 = 3 extract; 100 // 12 = 8 merge
+    assert universal.plan_workers(16, 100 * GiB, 8, 20 * GiB, 4 * GiB) == (3, 8)
+    # too little for even one: still one of each (the serial converter), never zero
+    assert universal.plan_workers(16, 10 * GiB, 8, 20 * GiB, 4 * GiB) == (1, 1)
+    # CPU- and shard-bound
+    assert universal.plan_workers(2, 100 * GiB, 2, GiB, GiB) == (2, 2)
+    assert universal.plan_workers(16, 100 * GiB, 1, GiB, GiB) == (1, 8)
+    assert universal.plan_workers(16, 0, 8, GiB, GiB) == (1, 1)  # memory unknown
+
+
+def test_converter_reads_the_largest_parameter_without_loading_tensors_or_running_code(tmp_path):
+    from collections import OrderedDict
+
+    good = tmp_path / "good"
+    os.makedirs(good)
+    shapes = [OrderedDict(embed=torch.Size([128, 64]), norm=torch.Size([64])), OrderedDict(head=torch.Size([64, 100]))]
+    torch.save({"module": {"embed": torch.zeros(128, 64)}, "param_shapes": shapes},
+               good / "mp_rank_00_model_states.pt")
+    torch.save({"x": torch.zeros(10)}, good / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert universal._largest_param_numel(str(good)) == 128 * 64
+    extract, merge, why = universal.converter_workers(str(good))
+    assert extract == 1 and merge >= 1 and "1 shard(s)" in why
+    evil = tmp_path / "evil"
+    os.makedirs(evil)
+    sentinel = tmp_path / "code-ran"
+    torch.save({"param_shapes": Evil(str(sentinel))}, evil / "mp_rank_00_model_states.pt")
+    assert universal._largest_param_numel(str(evil)) == 0 and not sentinel.exists()  # unknown -> 1 merge worker
+    assert universal.converter_workers(str(evil))[1] == 1

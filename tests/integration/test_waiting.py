@@ -21,7 +21,8 @@ def test_waiting_ranks_outlast_the_collective_timeout_and_see_failures_and_timeo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     rows = {(r["case"], r["rank"]): r for r in map(json.loads, lines)}
-    # ok: rank 1 waited the 14 s of rank 0's work (past the 12 s collective timeout) and returned after it
+    # ok: rank 1 waited the 14 s of rank 0's work (past the 12 s collective timeout, and past the 3 s stale
+    # limit: rank 0's heartbeat kept moving) and returned after it
     assert rows["ok", 0]["outcome"] == "returned" and rows["ok", 0]["detail"] == 42
     assert rows["ok", 1]["outcome"] == "returned" and rows["ok", 1]["detail"] is None
     assert rows["ok", 1]["saw_output"] and rows["ok", 1]["seconds"] >= 14
@@ -34,6 +35,7 @@ def test_waiting_ranks_outlast_the_collective_timeout_and_see_failures_and_timeo
     r1 = rows["timeout", 1]
     assert r1["outcome"] == "WaitTimeout" and 2.5 < r1["seconds"] < 6 and r1["exit_code"] == 2
     assert "for rank 0 to do the timeout work" in r1["detail"] and "dist.wait_minutes" in r1["detail"]
+    assert "still alive" in r1["detail"]  # its heartbeat moved: the cap ended the wait, not the stale limit
     assert "\n" not in r1["detail"]
     assert rows["timeout", 0]["outcome"] == "returned"
 

@@ -4,7 +4,6 @@ export the untrained weights to OUT (final/-style directory), without a training
 
   [torchrun ...] python tests/scripts/initial_weights.py RECIPE OUT [key=value ...]
 """
-import os
 import sys
 
 

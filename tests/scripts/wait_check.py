@@ -1,7 +1,8 @@
 """torchrun helper for test_waiting: waiting.one_rank_does across two real ranks over gloo.
 
 Collectives time out after 12 s here (dist.init(timeout_minutes=0.2)); rank 0's work in the "ok"
-case takes 14 s, so a waiting rank sitting in a collective would fail where polling does not.
+case takes 14 s, so a waiting rank sitting in a collective would fail where polling does not. The
+stale limit is 3 s (stale_minutes=0.05): rank 0's heartbeat must keep the waiting rank from giving up.
 Each rank prints one JSON line per case: {"case", "rank", "outcome", "detail", "seconds", ...}.
 """
 import json
@@ -41,7 +42,7 @@ for case, work, wait_minutes in cases:
     row = {"case": case, "rank": info.rank}
     try:
         result = waiting.one_rank_does(work, name=case, what=f"do the {case} work", marker_dir=marker_dir,
-                                       timeout_minutes=wait_minutes)
+                                       timeout_minutes=wait_minutes, stale_minutes=0.05)
         row.update(outcome="returned", detail=result, saw_output=os.path.exists(done_file))
     except Exception as e:  # noqa: BLE001 - reported to the test
         row.update(outcome=type(e).__name__, detail=str(e), exit_code=waiting.exit_code_of(e))

@@ -71,3 +71,37 @@ def test_lr_schedule_matches_hand_values():
     assert lr_multiplier(6, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.5)))
     assert lr_multiplier(6, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_multiplier(9, schedule="constant", **kw) == 1.0
+
+
+def test_a_recipe_that_starts_from_another_runs_output_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    from llmtrain.config import check_produced_inputs
+
+    monkeypatch.chdir(tmp_path)  # the debug recipes' paths are relative: nothing of them exists here
+    recipe = os.path.join(REPO, "recipes/debug/dpo.yaml")
+    cfg = load_config(recipe)  # loading alone never needs the inputs
+    with pytest.raises(ConfigError) as e:
+        check_produced_inputs(cfg)
+    assert str(e.value).startswith(f"{recipe}:") and "\n" not in str(e.value)
+    assert "runs/debug-sft/final does not exist yet" in str(e.value)
+    assert "`python launch/sft.py --recipe recipes/debug/sft.yaml`" in str(e.value)
+    os.makedirs("runs/debug-sft/final")  # the SFT ran: now the pairs are what is missing, and their command is named
+    with pytest.raises(ConfigError, match=r"onpolicy_pairs.jsonl does not exist yet; it is made by `python "
+                                          r"examples/make_dpo_pairs.py --model runs/debug-sft/final"):
+        check_produced_inputs(cfg)
+    open("runs/debug-sft/onpolicy_pairs.jsonl", "w").close()
+    check_produced_inputs(cfg)
+    # an input the recipe no longer uses (overridden) is not required
+    other = load_config(recipe, ["model.name_or_path=elsewhere", "data.train=[elsewhere.jsonl]"])
+    os.rmdir("runs/debug-sft/final")
+    check_produced_inputs(other)
+
+
+def test_every_debug_recipe_that_starts_from_a_run_says_which():
+    """Each debug recipe whose model is another debug recipe's output_dir/final lists it in produced_by."""
+    outputs = {load_config(p).output_dir: p for p in glob.glob(os.path.join(REPO, "recipes/debug/*.yaml"))}
+    for path in glob.glob(os.path.join(REPO, "recipes/debug/*.yaml")):
+        cfg = load_config(path)
+        start = cfg.model.name_or_path
+        if start and os.path.dirname(start) in outputs:
+            producer = os.path.relpath(outputs[os.path.dirname(start)], REPO)
+            assert producer in cfg.produced_by.get(start, ""), (path, start, producer)

@@ -207,7 +207,7 @@ def test_planner_and_sample_index_memory_is_per_unit_never_per_token(tmp_path):
     """10M rows must not cost GBs per rank: the row stream holds numpy arrays (a few bytes per unit, no
     Python list per unit) and a store holds ~16 bytes per sequence, never its tokens."""
     from llmtrain.data.batching import BatchPlanner, RowStream
-    from llmtrain.data.samples import ChunkWriter, SampleStore, data_fingerprint, write_json_atomic
+    from llmtrain.data.samples import ChunkWriter, SampleStore, finalize_split
 
     n_units = 200_000
     lengths = np.random.default_rng(0).integers(20, 400, size=n_units)
@@ -226,11 +226,7 @@ def test_planner_and_sample_index_memory_is_per_unit_never_per_token(tmp_path):
     for _ in range(n_seqs):
         ids = rng.integers(0, 800, size=seq_tokens).astype(np.int32)
         w.add(ids, np.where(rng.random(seq_tokens) < 0.5, ids, IGNORE_INDEX).astype(np.int32))
-    side = w.finish({})
-    write_json_atomic(str(tmp_path / "manifest.json"), {
-        "format": "llmtrain.samples", "version": 1, "seqs_per_unit": 1, "dtype": "uint16",
-        "chunks": [{k: side[k] for k in ("name", "num_seqs", "num_tokens", "sha256")}],
-        "fingerprint": data_fingerprint(1, [side])})
+    finalize_split(str(tmp_path), [w.finish({})], 1, np.uint16)
     tracemalloc.start()
     store = SampleStore(str(tmp_path))
     for j in rng.integers(0, n_seqs, size=500):
@@ -302,7 +298,7 @@ def test_too_many_bad_rows_stop_preparation_early_and_every_later_attempt(tmp_pa
         prepared_split(req, tok)
     assert not e.value.complete and len(e.value.report.bad) == 30 and e.value.report.total == 40
     (split_dir,) = os.listdir(tmp_path / "cache-1")
-    assert len([f for f in os.listdir(tmp_path / "cache-1" / split_dir) if f.endswith(".ids")]) == 1  # stopped
+    assert len([f for f in os.listdir(tmp_path / "cache-1" / split_dir) if f.endswith(".bin")]) == 1  # stopped
     with pytest.raises(TooManyBadRows):  # the verdict holds for the same budget, without tokenizing again
         prepared_split(req, tok)
     req.max_bad_fraction = 0.1  # a larger budget: preparation continues from the chunk it stopped at
@@ -389,19 +385,26 @@ def test_two_ranks_survive_a_rank_preparing_longer_than_the_collective_timeout(t
     assert train_losses(str(tmp_path / "run2")) == train_losses(recipe["output_dir"])
 
 
-def test_inspect_data_and_training_share_one_preparation(tmp_path, tiny_model_dir):
+def test_inspect_data_previews_only_n_rows_and_reuses_the_runs_preparation(tmp_path, tiny_model_dir):
+    """The text preview encodes the first N rows only (at 10M rows a whole-split preparation would
+    cost CPU-hours); once a run prepared the split, the preview adds its figures from the cache."""
     from conftest import python_cmd
 
     recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=1)
     recipe["data"]["train"] = [demo_with_bad_rows(tmp_path, SFT_DEMO, 300)]
     recipe["data"]["max_bad_fraction"] = 0.05
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    proc = run_cmd(python_cmd("launch/inspect_data.py", "--recipe", path, "-n", "1"), timeout=300)
-    assert proc.returncode == 0 and "[prepare] data.train: prepared" in proc.stdout, proc.stdout + proc.stderr
-    assert "skipped 3 of 299 rows" in proc.stdout
+    proc = run_cmd(python_cmd("launch/inspect_data.py", "--recipe", path, "-n", "9"), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[prepare]" not in proc.stdout and "not prepared yet" in proc.stdout
+    assert proc.stdout.count("--- sample ") == 8 and "--- row 7 (" in proc.stdout  # row 8 (line 8) is bad JSON
+    cache = os.path.join(recipe["output_dir"], "cache")
+    assert not os.path.exists(cache) or not [d for d in os.listdir(cache) if d.startswith("sft-")]
     proc = run_cmd(python_cmd("launch/sft.py", "--recipe", path), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[prepare]" not in proc.stdout + proc.stderr and len(train_losses(recipe["output_dir"])) == 1
+    assert proc.returncode == 0 and "[prepare] data.train: prepared" in proc.stdout, proc.stderr[-3000:]
+    proc = run_cmd(python_cmd("launch/inspect_data.py", "--recipe", path, "-n", "1"), timeout=300)
+    assert proc.returncode == 0 and "[prepare]" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "skipped 3 of 299 rows" in proc.stdout
 
 
 def test_prepare_cli_prepares_an_sft_recipe_where_the_run_looks(tmp_path, tiny_model_dir, tok):

@@ -2,7 +2,7 @@
 
 On CPU these run transformers' real flash path (`flash_attention_forward` ->
 `_flash_attention_forward`), our collate and our kwargs, with only the compiled kernels replaced
-by the pure-PyTorch ones of llmtrain/flash_reference.py; on a CUDA machine with flash-attn
+by the pure-PyTorch ones of llmtrain/models/flash_reference.py; on a CUDA machine with flash-attn
 installed the same tests run the real kernels (bf16, looser tolerance). Every expected value is an
 independent computation: each sequence run alone through sdpa, or plain masked softmax attention.
 `pytest -k "flash and packed"` selects them all.

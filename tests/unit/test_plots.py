@@ -49,3 +49,16 @@ def test_launch_plot_overlays_runs(tmp_path):
     proc = run_cmd(python_cmd("launch/plot.py", a, b, "--out", str(out)), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert _is_png(str(out))
+
+
+def test_without_matplotlib_the_run_says_why_there_is_no_plot(tmp_path, capsys, monkeypatch):
+    """An install without matplotlib (pip --no-deps, a trimmed image) gets one line at the end of the
+    run naming the missing package and the command that draws the curves later, and no curves.png."""
+    import sys
+
+    run = _write_metrics(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert write_curves(run) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib is not installed" in err[0], err
+    assert f"llmtrain plot {run}" in err[0] and not os.path.exists(os.path.join(run, "curves.png"))

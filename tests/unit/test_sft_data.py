@@ -234,7 +234,7 @@ def test_planner_resumes_at_the_same_position():
 
 
 def test_prepared_chunks_read_back_the_sequences_written(tmp_path):
-    from llmtrain.data.samples import ChunkWriter, SampleStore, data_fingerprint, write_json_atomic
+    from llmtrain.data.samples import ChunkWriter, SampleStore, data_fingerprint, finalize_split
 
     seqs = _seqs(5)
     sides = []
@@ -243,10 +243,7 @@ def test_prepared_chunks_read_back_the_sequences_written(tmp_path):
         for ids, labels in part:
             w.add(ids, labels)
         sides.append(w.finish({}))
-    write_json_atomic(str(tmp_path / "manifest.json"), {
-        "format": "llmtrain.samples", "version": 1, "seqs_per_unit": 1, "dtype": "uint16",
-        "chunks": [{k: s[k] for k in ("name", "num_seqs", "num_tokens", "sha256")} for s in sides],
-        "fingerprint": data_fingerprint(1, sides)})
+    finalize_split(str(tmp_path), sides, 1, np.uint16)
     t = SampleStore(str(tmp_path))
     assert len(t) == 5 and t.num_seqs == 5
     one = ChunkWriter(str(tmp_path), "whole", np.uint32)  # the same sequences in one chunk, other dtype

@@ -105,7 +105,7 @@ def test_tokenizer_hash_stable_across_save_load(tok, tok_dir, tmp_path):
 def test_shipped_tokenizer_loads_and_is_small():
     path = os.path.join(REPO_ROOT, "assets", "tokenizer")
     if not os.path.isdir(path):
-        pytest.skip("assets/tokenizer missing: run python scripts/make_assets.py")
+        pytest.skip("assets/tokenizer missing: run python examples/make_assets.py")
     total_bytes = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert total_bytes < 1_000_000
     shipped = AutoTokenizer.from_pretrained(path)

@@ -37,6 +37,7 @@ from itertools import chain
 import numpy as np
 
 from ...errors import LlmtrainError
+from ..line_cuts import jsonl_cuts
 from ..tokenizer_id import vocab_hash
 from .store import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, ShardInfo, dtype_for_vocab, write_json_atomic
 
@@ -161,21 +162,6 @@ def _load_hf(path: str):
 
 
 # --- planning: sources -> units ---
-def _jsonl_cuts(path: str, rows_per_unit: int) -> list[tuple[int, int]]:
-    """[(row, byte offset)] at every rows_per_unit-th line start, plus (total_rows, size)."""
-    cuts, line, pos, last = [(0, 0)], 0, 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):  # numpy scan: ~GB/s, no Python object per line
-            nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-            first = (-(line + 1)) % rows_per_unit  # newline index ending a multiple-of-k row
-            cuts += [(line + int(i) + 1, pos + int(nl[i]) + 1) for i in range(first, len(nl), rows_per_unit)]
-            line, pos, last = line + len(nl), pos + len(chunk), chunk[-1:]
-    total = line + (last != b"\n")  # a last line without a trailing newline is still a row
-    if cuts[-1][0] != total:
-        cuts.append((total, pos))
-    return cuts
-
-
 def _rows_per_unit(docs_per_shard, tokens_per_shard, total_bytes: int, rows: int) -> int:
     if tokens_per_shard is None:
         return docs_per_shard or DEFAULT_DOCS_PER_SHARD
@@ -199,9 +185,9 @@ def _plan(src: _Source, text_field: str, docs_per_shard, tokens_per_shard, hub=N
                 group, size = [], 0
         return units + ([_Unit("txt", tuple(group), 0, len(group))] if group else [])
     if src.kind == "jsonl" or (src.kind == "json" and not _is_json_array(path)):
-        lines = _jsonl_cuts(path, 1 << 62)[-1][0] if tokens_per_shard else 0  # count pass
+        lines = jsonl_cuts(path, 1 << 62)[-1][0] if tokens_per_shard else 0  # count pass
         k = _rows_per_unit(docs_per_shard, tokens_per_shard, os.path.getsize(path), lines)
-        cuts = _jsonl_cuts(path, k)
+        cuts = jsonl_cuts(path, k)
         return [_Unit("jsonl", src.paths, r0, r1, b0) for (r0, b0), (r1, _) in zip(cuts, cuts[1:])]
     if src.kind == "json":
         with open(path, "rb") as f:

@@ -47,6 +47,8 @@ def write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())  # before the rename: a crash must not publish a name with lost blocks
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 

@@ -1,0 +1,258 @@
+"""Rollout data for the one loop: a rollout every ppo_epochs x mini_batches optimizer steps, handed
+out as one StepPlan per optimizer step.
+
+Layout (why 2 ranks == 1 rank with accumulation): rollout k takes prompts at stream positions
+[k*P, (k+1)*P) (P = rl.prompts_per_step; the stream is the prompt set, reshuffled per epoch with
+seed (train.seed, epoch)); prompt i of the rollout is generated, with its G samples, on rank
+i % world. Mini-batch m is the global prompt block [m*P/M, (m+1)*P/M), so on rank r it is the
+rank's local prompts of that block: the same global mini-batch for any world size. Each rank's
+share of a mini-batch, (P/(M*world)) * G sequences, is cut into train.grad_accum micro-batches of
+train.micro_batch_size sequences.
+
+Normalisation: each optimizer step's loss is the token-mean over its global mini-batch's
+completion tokens. The counts come from one all-gather per rollout of a per-sequence table
+(lengths, rewards), from which every rank derives every step's normaliser and the rollout metrics:
+no collective per step.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ... import distributed as dist
+from ...config import RLConfig, TrainConfig
+from ...data.batching import StepPlan, collate_sequences
+from ...data.labels import IGNORE_INDEX
+from ...data.protocol import EvalSet
+from ...errors import ConfigError
+from ...losses.rl import grpo_advantages, kl_k1_tokens, rloo_advantages
+from . import generation
+from .prompts import PromptSet
+from .rewards import score
+
+
+def check_batch_shape(r: RLConfig, t: TrainConfig, world: int) -> int:
+    """Sequences per rank per mini-batch; one error line naming the settings that must agree."""
+    P, M, G = r.prompts_per_step, r.mini_batches, r.num_generations
+    if P % (M * world):
+        raise ConfigError(f"{r.where('rl.prompts_per_step')}: rl.prompts_per_step={P} must be a multiple of "
+                          f"rl.mini_batches x world size = {M} x {world}")
+    per_rank = P // (M * world) * G
+    if t.micro_batch_size * t.grad_accum != per_rank:
+        raise ConfigError(f"{t.where('train.grad_accum')}: each optimizer step trains {per_rank} sequences per rank "
+                          f"(rl.prompts_per_step {P} x rl.num_generations {G} / (rl.mini_batches {M} x {world} ranks)); "
+                          f"set train.micro_batch_size x train.grad_accum = {per_rank} "
+                          f"(now {t.micro_batch_size} x {t.grad_accum})")
+    return per_rank
+
+
+class RolloutData:
+    """TrainData of `llmtrain rl` (data/protocol.py). attach() gives it the engine before the first step."""
+
+    prefetch_safe = False  # next_step generates with the engine: the loop must not plan in a thread
+
+    def __init__(self, r: RLConfig, t: TrainConfig, prompts: PromptSet, eval_prompts: Optional[PromptSet],
+                 tokenizer, info, reward_fns, stop_ids: list[int]):
+        self.r, self.t, self.prompts, self.eval_prompts = r, t, prompts, eval_prompts
+        self.tok, self.info, self.reward_fns, self.stop_ids = tokenizer, info, reward_fns, stop_ids
+        self.per_rank = check_batch_shape(r, t, info.world_size)
+        self.steps_per_rollout = r.ppo_epochs * r.mini_batches
+        self.rollouts_done, self.step_in_rollout = 0, 0
+        self.buffer: Optional[list[dict]] = None  # this rank's sequences of the current rollout
+        self.engine = self.stage = self.ref_logps = None
+        self.need_old = self.steps_per_rollout > 1  # one step per rollout: old log-probs = the live ones, detached
+        self._last_rollout_end: Optional[float] = None
+
+    def attach(self, engine, stage: int, policy_logps, ref_logps) -> None:
+        """engine: the policy's DeepSpeed engine; policy_logps / ref_logps(batch) -> (B, T) target
+        log-probs of the policy / the reference model (ref None: no reference)."""
+        self.engine, self.stage, self.policy_logps, self.ref_logps = engine, stage, policy_logps, ref_logps
+
+    # --- the prompt stream ---
+    def _prompt_at(self, pos: int) -> int:
+        n = len(self.prompts)
+        order = np.random.default_rng([self.t.seed, pos // n]).permutation(n)
+        return int(order[pos % n])
+
+    # --- TrainData ---
+    def next_step(self) -> StepPlan:
+        metrics = {}
+        if self.buffer is None or self.step_in_rollout == self.steps_per_rollout:
+            if self.buffer is None and self.step_in_rollout not in (0, self.steps_per_rollout):
+                dist.warn(f"resumed inside rollout {self.rollouts_done} (step {self.step_in_rollout} of "
+                          f"{self.steps_per_rollout}): its rest is regenerated from the current weights (not exact; "
+                          f"save_every a multiple of rl.ppo_epochs x rl.mini_batches keeps resumes exact)")
+                self.rollouts_done -= 1
+            else:
+                self.step_in_rollout = 0
+            metrics = self._rollout()
+            self.rollouts_done += 1
+        m = self.step_in_rollout % self.r.mini_batches
+        self.step_in_rollout += 1
+        block = range(m * self.per_rank, (m + 1) * self.per_rank)
+        mbs = self.t.micro_batch_size
+        micro = [list(block[a: a + mbs]) for a in range(0, self.per_rank, mbs)]
+        return StepPlan(micro_batches=micro, global_weight=int(self.completion_tokens[:, block].sum()),
+                        global_tokens=int(self.all_tokens[:, block].sum()),
+                        epoch=self.rollouts_done * self.r.prompts_per_step / len(self.prompts), metrics=metrics)
+
+    def batches(self, plan: StepPlan) -> list[dict]:
+        return [self.collate([self.buffer[i] for i in mb]) for mb in plan.micro_batches]
+
+    def eval_set(self) -> Optional[EvalSet]:
+        if self.eval_prompts is None:
+            return None
+        mine = list(range(self.info.rank, len(self.eval_prompts), self.info.world_size))
+        return EvalSet(batches=mine, global_weight=len(self.eval_prompts))
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.prompts.fingerprint, "rollouts_done": self.rollouts_done,
+                "step_in_rollout": self.step_in_rollout, "prompts_per_step": self.r.prompts_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("prompts_per_step", self.r.prompts_per_step) != self.r.prompts_per_step:
+            dist.print0(f"resume: rl.prompts_per_step {state['prompts_per_step']} -> {self.r.prompts_per_step}: "
+                        f"the prompt stream continues at position {int(state['rollouts_done'])} x {self.r.prompts_per_step}")
+        self.rollouts_done = int(state["rollouts_done"])
+        self.step_in_rollout = int(state["step_in_rollout"])
+        self.buffer = None
+
+    # --- collation ---
+    def collate(self, seqs: list[dict]) -> dict:
+        """One sequence per row (prompt + completion, labels on the completion), plus the per-token
+        rollout tensors aligned with the shifted targets (position t predicts token t + 1)."""
+        rows = []
+        for s in seqs:
+            ids = np.asarray(s["prompt"] + s["completion"], dtype=np.int64)
+            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+            labels[len(s["prompt"]):] = s["completion"]
+            rows.append([(ids, labels)])
+        batch = collate_sequences(rows, self.tok.pad_token_id)
+        B, T = batch["input_ids"].shape
+        adv = torch.zeros((B, T), dtype=torch.float32)
+        old = torch.zeros((B, T), dtype=torch.float32)
+        ref = torch.zeros((B, T), dtype=torch.float32)
+        for b, s in enumerate(seqs):
+            a, n = len(s["prompt"]) - 1, len(s["completion"])  # target position of the first completion token
+            adv[b, a: a + n] = s["adv"]
+            if s.get("old") is not None:
+                old[b, a: a + n] = torch.tensor(s["old"])
+            if s.get("ref") is not None:
+                ref[b, a: a + n] = torch.tensor(s["ref"])
+        batch["adv"] = adv
+        if self.need_old:
+            batch["old_logp"] = old
+        if self.ref_logps is not None:
+            batch["ref_logp"] = ref
+        return batch
+
+    # --- the rollout ---
+    def _rollout(self) -> dict:
+        """Generate, score, old/ref log-probs, advantages, one all-gather; fills self.buffer. Collective."""
+        r, info, k = self.r, self.info, self.rollouts_done
+        t0 = time.perf_counter()
+        train_sec = t0 - self._last_rollout_end if self._last_rollout_end is not None else None
+        first = k * r.prompts_per_step
+        local = list(range(info.rank, r.prompts_per_step, info.world_size))  # rollout prompt indices of this rank
+        pids = [self._prompt_at(first + i) for i in local]
+        prompt_ids = [self.prompts.token_ids[p] for p in pids for _ in range(r.num_generations)]
+        keys = [(k, first + i, g) for i in local for g in range(r.num_generations)]
+        completions = self._generate(prompt_ids, keys)
+        gen_sec = time.perf_counter() - t0
+        texts = self.tok.batch_decode([c for c, _ in completions], skip_special_tokens=True)
+        rep = [p for p in pids for _ in range(r.num_generations)]  # prompt of each sequence
+        columns = {name: [values[p] for p in rep] for name, values in self.prompts.columns.items()}
+        total, per_fn = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns)
+        self.buffer = [{"prompt": pi, "completion": c, "truncated": tr, "adv": 0.0}
+                       for pi, (c, tr) in zip(prompt_ids, completions)]
+        kl_seq = self._logps_for_buffer()
+        rewards = torch.tensor(total, dtype=torch.float64)
+        if kl_seq is not None:  # k1 penalty in the reward (PPO/RLOO style): r - beta * sum_t k1_t
+            rewards = rewards - r.kl_coef * kl_seq
+        groups = rewards.view(-1, r.num_generations)  # (local prompts, G)
+        adv = rloo_advantages(groups) if r.advantage == "rloo" else \
+            grpo_advantages(groups, scale_std=r.scale_std, eps=r.std_eps)
+        for s, a in zip(self.buffer, adv.flatten().tolist()):
+            s["adv"] = a
+        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq)
+        metrics.update(gen_sec=gen_sec, rollout_sec=time.perf_counter() - t0)
+        metrics["gen_tokens_per_sec"] = metrics.pop("_completion_tokens") / max(gen_sec, 1e-9)
+        if train_sec is not None:  # the optimizer steps (and any eval/checkpoint) since the last rollout
+            metrics["train_sec_prev"] = train_sec
+        self._last_rollout_end = time.perf_counter()
+        return metrics
+
+    def _generate(self, prompt_ids: list, keys: list) -> list:
+        r = self.r
+        with generation.generation_mode(self.engine, self.stage, r.zero3_gather) as synced:
+            return generation.generate(self.engine.module, prompt_ids, keys=keys, seed=self.t.seed,
+                                       temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                       stop_ids=self.stop_ids, pad_id=self.tok.pad_token_id,
+                                       batch_size=r.generation_batch_size, synced_gpus=synced, device=self.info.device)
+
+    @torch.no_grad()
+    def _logps_for_buffer(self) -> Optional[torch.Tensor]:
+        """Old (ppo_epochs x mini_batches > 1) and reference log-probs of every buffered sequence, one
+        no-grad forward each per rollout; returns the per-sequence k1 sum for the reward penalty, or None."""
+        need_ref = self.ref_logps is not None
+        if not (self.need_old or need_ref):
+            return None
+        want_k1 = need_ref and self.r.kl_type == "k1"
+        mbs = self.t.micro_batch_size
+        k1 = []
+        for a in range(0, len(self.buffer), mbs):
+            seqs = self.buffer[a: a + mbs]
+            batch = {k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in self.collate(seqs).items()}
+            pol = self.policy_logps(batch) if (self.need_old or want_k1) else None
+            ref = self.ref_logps(batch) if need_ref else None
+            for b, s in enumerate(seqs):
+                i, n = len(s["prompt"]) - 1, len(s["completion"])
+                if pol is not None and self.need_old:
+                    s["old"] = pol[b, i: i + n].float().cpu().tolist()
+                if ref is not None:
+                    s["ref"] = ref[b, i: i + n].float().cpu().tolist()
+                if want_k1:
+                    k1.append(float(kl_k1_tokens(pol[b, i: i + n], ref[b, i: i + n]).sum()))
+        return torch.tensor(k1, dtype=torch.float64) if want_k1 else None
+
+    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq) -> dict:
+        """One all-gather of (completion length, prompt length, truncated, reward, raw reward, per-function
+        rewards) per sequence; sets the per-step token counts and returns the rollout's global metrics."""
+        names = sorted(per_fn)
+        cols = [torch.tensor([len(s["completion"]) for s in self.buffer], dtype=torch.float64),
+                torch.tensor([len(s["prompt"]) for s in self.buffer], dtype=torch.float64),
+                torch.tensor([float(s["truncated"]) for s in self.buffer], dtype=torch.float64),
+                rewards, raw_total] + [torch.tensor(per_fn[n], dtype=torch.float64) for n in names]
+        if kl_seq is not None:
+            cols.append(kl_seq)
+        table = torch.stack(cols, 1)  # (local seqs, C)
+        table = _all_gather(table, self.info.device)  # (world, local seqs, C)
+        self.completion_tokens = table[:, :, 0].long().numpy()
+        self.all_tokens = (table[:, :, 0] + table[:, :, 1]).long().numpy()
+        flat = table.reshape(-1, table.shape[-1])
+        G = self.r.num_generations
+        group_std = flat[:, 4].view(-1, G).std(dim=1, unbiased=False)
+        out = {"reward": float(flat[:, 4].mean()), "reward_std": float(flat[:, 4].std(unbiased=False)),
+               "completion_len": float(flat[:, 0].mean()), "truncated_frac": float(flat[:, 2].mean()),
+               "zero_var_groups": float((group_std == 0).double().mean()), "rollout": self.rollouts_done + 1,
+               "_completion_tokens": float(flat[:, 0].sum())}
+        for j, n in enumerate(names):
+            out[f"reward_{n}"] = float(flat[:, 5 + j].mean())
+        if kl_seq is not None:
+            out["kl_k1_seq"] = float(flat[:, -1].mean())
+        return out
+
+
+def _all_gather(t: torch.Tensor, device) -> torch.Tensor:
+    """(n, C) on every rank -> (world, n, C) on the host; n is the same on every rank (check_batch_shape)."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return t.unsqueeze(0)
+    x = t.to(device)
+    parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, x)
+    return torch.stack(parts).cpu()

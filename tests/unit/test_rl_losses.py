@@ -1,0 +1,161 @@
+"""RL loss functions (llmtrain/losses/rl.py) against hand computations (each expected value is
+derived in a comment), and the keyed rollout sampler's batch invariance."""
+import math
+
+import torch
+
+from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
+                                masked_entropy_sum, policy_loss_sum, rloo_advantages, token_entropy,
+                                value_loss_sum)
+
+
+def close(a, b, tol=1e-6):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert torch.allclose(a, b, atol=tol), (a, b)
+
+
+R = torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.], [0., 0., 0., 1.]])  # rewards (prompts, samples)
+
+
+def test_group_advantages_on_a_reward_table():
+    # GRPO: group 0 mean .5, unbiased std sqrt(4 x .25 / 3) = .57735 -> +-.5 / (.57735 + 1e-4);
+    # group 1 constant -> 0; group 2 mean .25, std sqrt((3 x .0625 + .5625) / 3) = .5 -> -.25/.5001, .75/.5001
+    s0 = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    close(grpo_advantages(R), [[s0, -s0, -s0, s0], [0] * 4, [-.25 / .5001] * 3 + [.75 / .5001]])
+    close(grpo_advantages(R, scale_std=False), [[.5, -.5, -.5, .5], [0] * 4, [-.25] * 3 + [.75]])  # Dr. GRPO
+    # RLOO: r=1 in group 0: the others' mean (0+0+1)/3 -> 1 - 1/3 = 2/3; r=0: 0 - 2/3; group 2: r=1: 1 - 0; r=0: 0 - 1/3
+    close(rloo_advantages(R), [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0] * 4, [-1 / 3] * 3 + [1]])
+
+
+def test_clipped_surrogate_first_inner_step_and_asymmetric_clip():
+    # first inner step (logp == old): ratio 1, nothing clipped, loss -sum A, d loss / d logp = -A (REINFORCE)
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    loss, m = policy_loss_sum(logp, logp.detach(), torch.tensor([0.7]), torch.tensor([[1, 1, 0]]), 0.2, 0.28)
+    loss.backward()
+    close(loss, -1.4)
+    close(logp.grad, [[-0.7, -0.7, 0.0]])
+    assert int(m["clipped_tokens"]) == 0 and float(m["ratio_sum"]) == 2.0
+    # ratio 1.5, A=+1 -> clipped at 1 + .28: loss -1.28, no gradient; ratio .5, A=-1 -> min(-.5, -.8) = -.8
+    # (clipped at 1 - .2), no gradient; ratio 1.5, A=-1 -> min(-1.5, -1.28) = -1.5: not clipped, gradient 1.5
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.5]])).requires_grad_(True)
+    loss, m = policy_loss_sum(lp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, -1.0]]), torch.ones(1, 3), 0.2, 0.28)
+    loss.backward()
+    close(loss, -1.28 + 0.8 + 1.5)
+    close(lp.grad, [[0.0, 0.0, 1.5]])
+    assert int(m["clipped_tokens"]) == 2
+
+
+def test_kl_estimators():
+    x = torch.tensor([[-1.0, -2.0]])
+    close(kl_k3(x, x, torch.ones(1, 2)), 0.0)  # policy == reference
+    close(kl_k1_tokens(x, x), [[0.0, 0.0]])
+    close(kl_k3_tokens(torch.tensor([-1.1]), torch.tensor([-1.0])), [math.exp(0.1) - 0.1 - 1])  # d = .1
+    close(kl_k1_tokens(torch.tensor([-1.1]), torch.tensor([-1.0])), [-0.1])
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])  # E_pi[k] = KL(pi || ref), exactly
+    close((p * kl_k3_tokens(p.log(), q.log())).sum(), (p * (p / q).log()).sum())
+    close((p * kl_k1_tokens(p.log(), q.log())).sum(), (p * (p / q).log()).sum())
+
+
+def test_gae_token_rewards_value_loss_entropy():
+    # rewards [0,0,1], V [.5,.6,.7], gamma 1, lam .95: d2 = 1 - .7 = .3; d1 = .7 - .6 = .1 -> A1 = .1 + .95 x .3
+    # = .385; d0 = .6 - .5 = .1 -> A0 = .1 + .95 x .385 = .46575; R = A + V; the masked 4th position is skipped
+    adv, ret = gae(torch.tensor([[0., 0., 1., 0.]]), torch.tensor([[.5, .6, .7, 9.]]), torch.tensor([[1, 1, 1, 0]]),
+                   1.0, .95)
+    close(adv, [[.46575, .385, .3, 0]])
+    close(ret, [[.96575, .985, 1.0, 0]])
+    r = outcome_token_rewards(torch.tensor([2.0]), torch.tensor([[1, 1, 1, 0]]), torch.tensor([[.1, .2, .3, .4]]), 0.5)
+    close(r, [[-.05, -.1, 2 - .15, 0]])  # score at the last token, minus .5 x k1 per token
+    # V=1, V_old=.5, R=1.2, c=.2 -> clipped V = .7; .5 x max((1 - 1.2)^2, (.7 - 1.2)^2) = .5 x .25 = .125
+    close(value_loss_sum(torch.tensor([[1.0]]), torch.tensor([[.5]]), torch.tensor([[1.2]]), torch.ones(1, 1), .2), .125)
+    close(token_entropy(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4 tokens
+    logits, mask = torch.randn(2, 5, 7), torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]])
+    close(masked_entropy_sum(logits, mask, chunk_rows=2), (token_entropy(logits) * mask).sum(), 1e-5)
+
+
+def test_keyed_sampler_is_batch_invariant(tiny_model_dir):
+    """Same keys, prompts reordered and split into other batches: the same completions (HF's multinomial
+    draws from the global RNG and is not)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.objectives.rl.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + i, 17, 40 + 2 * i][: 1 + i % 3] for i in range(6)]
+    keys = [(0, i, 0) for i in range(6)]
+    kw = dict(seed=3, temperature=1.0, top_p=0.9, max_new_tokens=5, stop_ids=[0], pad_id=0, synced_gpus=False,
+              device="cpu")
+    whole = generate(model, prompts, keys=keys, batch_size=6, **kw)
+    order = [4, 1, 5, 0, 3, 2]
+    split = generate(model, [prompts[i] for i in order], keys=[keys[i] for i in order], batch_size=4, **kw)
+    assert [split[order.index(i)] for i in range(6)] == whole
+    greedy = generate(model, prompts, keys=None, batch_size=6, **kw)
+    assert greedy != whole  # sampling at T=1 on a random model does differ from greedy
+
+
+def test_batch_shape_rewards_and_prompt_rows(tmp_path):
+    import json
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZER
+    from llmtrain.config import DataConfig, RLConfig, TrainConfig
+    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.errors import ConfigError
+    from llmtrain.objectives.rl.prompts import load_prompts
+    from llmtrain.objectives.rl.rewards import exact_match, load_reward_fns, score
+    from llmtrain.objectives.rl.rollout import check_batch_shape
+
+    r = RLConfig(prompts_per_step=8, num_generations=4, mini_batches=2)
+    assert check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=2), 2) == 8  # 8 x 4 / (2 x 2)
+    with pytest.raises(ConfigError, match="micro_batch_size x train.grad_accum = 8"):
+        check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=1), 2)
+    with pytest.raises(ConfigError, match="multiple of rl.mini_batches x world size"):
+        check_batch_shape(r, TrainConfig(micro_batch_size=4, grad_accum=2), 3)
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_reward_fns(["llmtrain.objectives.rl.rewards:nope"], [], lambda k: k)
+    fns = load_reward_fns(["llmtrain.objectives.rl.rewards:exact_match"] * 2, [1.0, 0.5], lambda k: k)
+    total, per_fn = score(fns, [[], []], [" 12 ", "3"], {"answer": ["12", "4"]})
+    assert total == [1.5, 0.0] and per_fn["exact_match"] == [1.0, 0.0]
+    assert exact_match(None, ["7"], [7]) == [1.0]
+
+    rows = [{"messages": [{"role": "user", "content": "Reverse 12"}], "answer": "21"},
+            {"instruction": "Reverse the digits.", "input": "345", "output": "543", "answer": "543"},
+            {"prompt": "Reverse 9" * 80, "answer": "x"},  # too long: a counted bad row
+            {"prompt": "Reverse 67", "answer": "76", "level": 2}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n{bad json\n")
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    ensure_chat_template(tok)
+    d = DataConfig(train=[str(path)], max_prompt_len=40, max_bad_fraction=0.5)
+    ps = load_prompts(d, "data.train", tok)
+    assert [m[-1]["content"] for m in ps.messages] == ["Reverse 12", "Reverse the digits.\n\n345", "Reverse 67"]
+    assert ps.columns["answer"] == ["21", "543", "76"] and ps.columns["level"] == [None, None, 2]
+    assert all(t == tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False).input_ids for t, m in zip(ps.token_ids, ps.messages))
+    with pytest.raises(Exception, match="above data.max_bad_fraction"):
+        load_prompts(DataConfig(train=[str(path)], max_prompt_len=40), "data.train", tok)
+
+
+def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_model_dir):
+    """rl.reward_model: each (prompt, completion) re-encoded as a conversation (the reward task's chat
+    path) and scored by a plain forward of the sequence-classification model at its last token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmtrain.data.chat import ensure_chat_template, tokenize_chat
+    from llmtrain.objectives.rl.rewards import RewardModelFn
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fn = RewardModelFn(str(tmp_path / "rm"), "cpu")
+    prompts = [[{"role": "user", "content": "Reverse 12"}], [{"role": "user", "content": "Reverse 345"}]]
+    got = fn(prompts=prompts, completions=["21", "5 4 3 and more"])
+    ensure_chat_template(tok)
+    rm.eval()
+    for p, c, g in zip(prompts, ["21", "5 4 3 and more"], got):
+        ids, _ = tokenize_chat(tok, p + [{"role": "assistant", "content": c}])
+        want = rm(input_ids=torch.tensor([ids.astype("int64")])).logits[0, 0].item()
+        assert abs(g - want) < 1e-5
