@@ -8,6 +8,7 @@ Exit status 0: all ranks agree; 2: a rank differs (named) or the launch environm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional
 
@@ -15,6 +16,7 @@ from .. import distributed as dist
 from ..config import load_config
 from ..data.tokenizer_id import tokenizer_hash
 from ..distributed import preflight
+from ..distributed.mesh import build_mesh
 from ..errors import LlmtrainError
 from ..models.tokenizer import load_tokenizer
 from .common import report
@@ -39,6 +41,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+        info = dataclasses.replace(info, mesh=build_mesh(cfg.parallel, info.world_size, info.rank))  # dp/sp/tp columns
         preflight.run(cfg, info, tokenizer_hash(load_tokenizer(cfg.model)))
     except LlmtrainError as e:
         code = report(e)

@@ -4,9 +4,9 @@ from ..errors import ConfigError
 from .loading import (SOURCE_FIELDS, load_config, parse_override, redact, save_resolved, sources, to_dict)
 from .validation import check_produced_inputs
 from .schema import (Config, DataConfig, DeepSpeedSection, DistConfig, DPOConfig, LoggingConfig, LoraConfig,
-                     ModelConfig, RewardConfig, RLConfig, SourceConfig, TrainConfig, WandbConfig)
+                     ModelConfig, ParallelConfig, RewardConfig, RLConfig, SourceConfig, TrainConfig, WandbConfig)
 
 __all__ = ["SOURCE_FIELDS", "Config", "ConfigError", "DPOConfig", "DataConfig", "DeepSpeedSection", "DistConfig",
-           "LoggingConfig", "LoraConfig", "ModelConfig", "RLConfig", "RewardConfig", "SourceConfig", "TrainConfig",
-           "WandbConfig", "check_produced_inputs", "load_config", "parse_override", "redact", "save_resolved", "sources",
-           "to_dict"]
+           "LoggingConfig", "LoraConfig", "ModelConfig", "ParallelConfig", "RLConfig", "RewardConfig", "SourceConfig",
+           "TrainConfig", "WandbConfig", "check_produced_inputs", "load_config", "parse_override", "redact",
+           "save_resolved", "sources", "to_dict"]

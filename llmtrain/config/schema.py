@@ -139,6 +139,20 @@ class DistConfig(Section):
 
 
 @dataclass
+class ParallelConfig(Section):
+    """Parallelism beyond data parallelism, both from DeepSpeed itself (issue 16). The ranks form a
+    mesh: data-parallel size DP = world / (sequence_parallel_size x tensor_parallel_size); the
+    SP or TP peers of a DP rank are consecutive ranks and read the same rows."""
+
+    # ranks one packed row is split over along the sequence (DeepSpeed Ulysses / ALST: all-to-all
+    # over attention heads); activation memory per rank falls ~1/N; N must divide the attention heads
+    sequence_parallel_size: int = 1
+    # ranks the attention and MLP weights are sharded over (DeepSpeed AutoTP; Llama, Qwen2, Mistral);
+    # ZeRO 0-2 only; cannot be combined with sequence_parallel_size > 1
+    tensor_parallel_size: int = 1
+
+
+@dataclass
 class DPOConfig(Section):
     beta: float = 0.1  # strength of the KL anchor to the reference model
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO (Rafailov 2023), IPO (Azar 2023), hinge (SLiC)
@@ -220,5 +234,6 @@ class Config(Section):
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # one-line notices about values adjusted while loading (printed once by rank 0 at startup)
     notices: list = field(default_factory=list, repr=False, compare=False)

@@ -58,6 +58,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.reward.center_coef >= 0, cfg, "reward.center_coef", "must be >= 0 (0 = no centering)")
     _validate_lora(cfg)
     _validate_rl(cfg)
+    _validate_parallel(cfg)
     m = cfg.model
     if (m.name_or_path is None) == (m.config is None):
         raise ConfigError(
@@ -93,6 +94,43 @@ def _is_iso_date(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """The mesh checks that need no world size or model (distributed/mesh.py does the rest at start-up)."""
+    p = cfg.parallel
+    sp, tp = p.sequence_parallel_size, p.tensor_parallel_size
+    _require(sp >= 1, cfg, "parallel.sequence_parallel_size", "must be >= 1 (1 = off)")
+    _require(tp >= 1, cfg, "parallel.tensor_parallel_size", "must be >= 1 (1 = off)")
+    if sp > 1 and tp > 1:
+        # DeepSpeed 0.19.8 puts both groups on the innermost consecutive ranks and AutoTP replaces the
+        # engine's mpu with one that has no SP getters, so ZeRO would reduce as if SP were 1
+        raise ConfigError(f"{cfg.where('parallel.sequence_parallel_size')}: parallel.sequence_parallel_size={sp} with "
+                          f"parallel.tensor_parallel_size={tp}: DeepSpeed {_ds_version()} cannot combine Ulysses SP "
+                          "and AutoTP in one run; use one of them")
+    if sp > 1:
+        attn = cfg.model.attn_implementation
+        _require(attn not in ("eager", "flex_attention"), cfg, "model.attn_implementation",
+                 f"is not supported with parallel.sequence_parallel_size>1 (DeepSpeed's Ulysses rejects eager "
+                 "and rebuilds a plain causal mask for flex, losing packing); use auto, sdpa or flash_attention_2")
+        _require(cfg.data.max_seq_len >= sp, cfg, "data.max_seq_len",
+                 f"is below parallel.sequence_parallel_size={sp}: every rank needs at least "
+                 "one token of each row")
+    if tp > 1:
+        _require(cfg.train.loss_chunk_tokens == 0, cfg, "train.loss_chunk_tokens",
+                 "must be 0 with parallel.tensor_parallel_size>1 (AutoTP shards the LM head over the vocabulary; "
+                 "the chunked head needs the whole weight)")
+        _require(not cfg.lora.enabled, cfg, "lora.enabled",
+                 "is not supported with parallel.tensor_parallel_size>1 (AutoTP of PEFT-wrapped layers is untested)")
+
+
+def _ds_version() -> str:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except ImportError:
+        return "(not installed)"
 
 
 def _validate_lora(cfg: Config) -> None:

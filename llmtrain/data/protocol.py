@@ -62,6 +62,12 @@ class DataContext:
         return cls(cfg.data, cfg.train, info, tokenizer, tok_hash, cfg.output_dir, cfg.dist.stale_minutes)
 
 
+def data_coordinates(info) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of `info` (distributed.DistInfo): the SP/TP peers of a
+    rank read the same rows (distributed/mesh.py). Objects without a mesh (tests' stand-ins): rank, world."""
+    return getattr(info, "data_rank", info.rank), getattr(info, "data_world_size", info.world_size)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """A collated batch's tensors on `device` (non_blocking: pinned host memory copies asynchronously)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -13,7 +13,7 @@ import torch
 
 from ..config import DataConfig, TrainConfig
 from .batching import BatchPlanner, RowStream, StepPlan, collate_sequences, eval_micro_batches
-from .protocol import DataContext, EvalSet
+from .protocol import DataContext, EvalSet, data_coordinates
 from .sft import split_eval
 from .splits import load_split
 
@@ -57,7 +57,8 @@ class SequenceData:
         self.row_len = d.max_seq_len * train.seqs_per_unit  # a packed row holds at least one whole unit
         self.stream = RowStream(train.unit_lengths(), seed=t.seed, packing=d.packing, max_len=self.row_len)
         self.planner = BatchPlanner(self.stream, unit_weights(train), micro_batch_size=t.micro_batch_size,
-                                    grad_accum=t.grad_accum, world_size=info.world_size, rank=info.rank)
+                                    grad_accum=t.grad_accum, world_size=data_coordinates(info)[1],
+                                    rank=data_coordinates(info)[0])
         self.eval_samples, self.eval_weights = eval_set, (unit_weights(eval_set) if eval_set is not None else None)
         self.micro_batch_size, self.eval_max_batches, self.info = t.micro_batch_size, t.eval_max_batches, info
 
@@ -93,7 +94,7 @@ class SequenceData:
     def eval_set(self) -> Optional[EvalSet]:
         if self.eval_samples is None or len(self.eval_samples) == 0:
             return None
-        world, rank, mbs = self.info.world_size, self.info.rank, self.micro_batch_size
+        (rank, world), mbs = data_coordinates(self.info), self.micro_batch_size
         lengths = self.eval_samples.unit_lengths()
         mine = eval_micro_batches(lengths, self.packing, self.row_len, mbs, world, rank, self.eval_max_batches)
         batches = LazyBatches(self.collate, self.eval_samples, mine)
@@ -109,7 +110,7 @@ class SequenceData:
     def every_unit_batches(self) -> Iterator[dict]:
         """This rank's share of every train and eval unit (dealt round-robin by eval_micro_batches),
         collated as for training."""
-        world, rank = self.info.world_size, self.info.rank
+        rank, world = data_coordinates(self.info)
         for samples in self.splits():
             for rows in eval_micro_batches(samples.unit_lengths(), self.packing, self.row_len, self.micro_batch_size,
                                            world, rank):

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -35,10 +36,21 @@ class DistInfo:
     launcher: str  # deepspeed/torchrun | mpi | slurm | single
     device: torch.device
     backend: str
+    mesh: Optional[Any] = None  # mesh.Mesh (DP x SP x TP), set by the runner once the recipe's sizes are known
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel rank: SP/TP peers read the same rows (mesh.py)."""
+        return self.mesh.dp_rank if self.mesh is not None else self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """Ranks that read different rows (the data-parallel size)."""
+        return self.mesh.dp if self.mesh is not None else self.world_size
 
 
 def _free_port() -> int:

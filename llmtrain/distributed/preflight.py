@@ -161,6 +161,8 @@ def rank_report(cfg: Config, info: DistInfo, tokenizer_hash: str) -> dict[str, A
         "config": config_hash(cfg), "code": code_version(), "libraries": library_versions(),
         "tokenizer": tokenizer_hash, "data": manifest, "data_files": n_files, "data_bytes": n_bytes,
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        # coordinates in the DP x SP x TP mesh (mesh.py): which rows (dp), which slice of a row (sp), which weight shard (tp)
+        "mesh": info.mesh.coordinates() if info.mesh is not None else {"dp": info.rank, "sp": 0, "tp": 0},
     }
 
 
@@ -236,9 +238,9 @@ def slow_ranks(reports: list[dict]) -> list[str]:
 # --- report -------------------------------------------------------------------------------------
 
 def format_table(reports: list[dict]) -> str:
-    rows = [("rank", "local", "host", "device", "pid", "all-reduce GB/s")]
-    rows += [(str(r["rank"]), str(r["local_rank"]), r["host"], r["device"], str(r["pid"]),
-              f"{r['busbw']:.2f}" if r["busbw"] else "-") for r in reports]
+    rows = [("rank", "local", "dp", "sp", "tp", "host", "device", "pid", "all-reduce GB/s")]
+    rows += [(str(r["rank"]), str(r["local_rank"]), *(str(r.get("mesh", {}).get(k, "-")) for k in ("dp", "sp", "tp")),
+              r["host"], r["device"], str(r["pid"]), f"{r['busbw']:.2f}" if r["busbw"] else "-") for r in reports]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -264,7 +266,8 @@ def run(cfg: Config, info: DistInfo, tokenizer_hash: str) -> list[dict]:
         raise _fail("preflight: " + "; ".join(problems))
 
     ref = reports[0]
-    dist.print0(f"preflight: {info.world_size} rank(s) via {info.launcher}, backend {info.backend}\n{format_table(reports)}")
+    mesh = f", {info.mesh.describe()}" if info.mesh is not None else ""
+    dist.print0(f"preflight: {info.world_size} rank(s) via {info.launcher}, backend {info.backend}{mesh}\n{format_table(reports)}")
     dist.print0(f"preflight: all ranks agree: config {ref['config']}, code {ref['code']}, {ref['libraries']}, "
                 f"tokenizer {ref['tokenizer']}, data {ref['data']} ({ref['data_files']} files, "
                 f"{ref['data_bytes'] / 1e6:.1f} MB)")

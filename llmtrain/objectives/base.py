@@ -24,6 +24,7 @@ import torch
 from .. import distributed as dist
 from ..config import Config
 from ..data.protocol import DataContext, EvalSet, TrainData, to_device
+from ..distributed.mesh import replica_count
 from ..data.shards.recipe import PrepareOptions
 
 
@@ -84,7 +85,7 @@ class Objective(ABC):
                     sums[k] = sums.get(k, 0) + v.double()
         engine.train()
         names = sorted(sums)
-        totals = dist.all_reduce_sum(torch.stack([loss_sum] + [sums[k] for k in names])).tolist()
+        totals = (dist.all_reduce_sum(torch.stack([loss_sum] + [sums[k] for k in names])) / replica_count()).tolist()
         out = {"eval_loss": totals[0]}
         out.update({f"eval_{k}": v / max(eval_set.global_weight, 1) for k, v in zip(names, totals[1:])})
         return out

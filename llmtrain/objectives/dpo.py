@@ -14,30 +14,31 @@ import torch
 
 from .. import distributed as dist
 from ..config import Config, DPOConfig
-from ..data.labels import IGNORE_INDEX
 from ..data.protocol import DataContext
 from ..data.sequences import SequenceData, sequence_data
 from ..data.shards.recipe import PrepareOptions
 from ..data.splits import prepare_splits
 from ..errors import ConfigError
-from ..losses import PREFERENCE_LOSSES, chosen_nll_loss, packed_sequence_logps, shift_labels
+from ..losses import PREFERENCE_LOSSES, chosen_nll_loss, packed_sequence_logps
+from ..models import sequence_parallel
 from . import reference
 from .base import Objective, RunContext
-from .lm_forward import lm_forward_logps
+from .lm_forward import aligned, lm_forward_logps
 
 
 def pair_logps(engine, batch: dict, chunk_tokens: int = 0, with_lengths: bool = False):
     """One forward over chosen and rejected together -> summed response log-probs, each (pairs,);
     with_lengths also returns the responses' target-token counts, (pairs, 2): chosen, rejected."""
+    batch = aligned(batch)  # pre-shifted targets and sequence ids (under SP: this rank's slice)
     token_logps, targets = lm_forward_logps(engine, batch, chunk_tokens)
-    seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
-    seq_ids = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
-    logps = packed_sequence_logps(token_logps, targets, seq_ids, batch["num_seqs"])  # (2P,)
+    seq_ids = batch["target_seq_index"]  # (B, T): sequence of the token each position predicts, -1 if untrained
+    # (2P,); under SP each rank's sums cover its slice only: summed over the SP group (differentiable)
+    logps = sequence_parallel.sp_sum(packed_sequence_logps(token_logps, targets, seq_ids, batch["num_seqs"]))
     pairs = logps.view(-1, 2)  # (2P,) -> (P, 2): sequences alternate chosen, rejected
     if not with_lengths:
         return pairs[:, 0], pairs[:, 1]
     ones = torch.ones_like(token_logps)
-    lengths = packed_sequence_logps(ones, targets, seq_ids, batch["num_seqs"]).view(-1, 2)  # (P, 2) token counts
+    lengths = sequence_parallel.sp_sum(packed_sequence_logps(ones, targets, seq_ids, batch["num_seqs"])).view(-1, 2)  # (P, 2) token counts
     return pairs[:, 0], pairs[:, 1], lengths
 
 
@@ -132,7 +133,12 @@ class DPO(Objective):
         if d.nll_weight:
             sums["preference_loss"] = loss_sum.detach()
             loss_sum = loss_sum + d.nll_weight * nll_sum
-        return loss_sum / global_weight, sums
+        # under SP every rank of the group holds the same pair losses (sp_sum above): each contributes
+        # 1/SP, so the world all-reduce of loss and sums and the summed gradients stay exact
+        sp = sequence_parallel.size()
+        if sp > 1:
+            sums = {k: v / sp for k, v in sums.items()}
+        return loss_sum / (global_weight * sp), sums
 
 
 def _check_prompt_budget(ctx: DataContext) -> None:

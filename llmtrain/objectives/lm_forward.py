@@ -6,7 +6,9 @@ import contextlib
 
 import torch
 
+from ..data.labels import IGNORE_INDEX
 from ..errors import ConfigError
+from ..models import sequence_parallel
 from ..losses import shift_labels, token_logps_and_sum_ce, token_logps_from_logits
 
 
@@ -53,7 +55,8 @@ def lm_forward_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.
     tokens at a time and the (B, T, V) fp32 logits are never materialised (same values and
     gradients to float tolerance; backward recomputes each chunk's logits).
     """
-    targets = shift_labels(batch["labels"])  # (B, T): targets[:, t] = labels[:, t + 1]
+    batch = aligned(batch)
+    targets = batch["targets"]  # (B, T): targets[:, t] = labels[:, t + 1]; under SP this rank's slice
     inputs = model_inputs(engine, batch)
     if chunk_tokens <= 0:
         out = engine(**inputs)
@@ -61,6 +64,22 @@ def lm_forward_logps(engine, batch: dict, chunk_tokens: int = 0) -> tuple[torch.
     with _chunked_lm_head(engine, targets, chunk_tokens):
         out = engine(**inputs)
     return out.logits, targets  # the head returned (B, T) log-probs in place of logits
+
+
+def aligned(batch: dict) -> dict:
+    """The batch with pre-shifted `targets` and `target_seq_index`; under sequence parallelism
+    this rank's slice of the flattened row (models.sequence_parallel.shard_batch). Idempotent."""
+    if "targets" in batch:
+        return batch
+    sp = sequence_parallel.active()
+    if sp is not None:
+        return sequence_parallel.shard_batch(batch, sp.size, sp.rank)
+    targets = shift_labels(batch["labels"])
+    out = dict(batch, targets=targets)
+    if "seq_index" in batch:
+        seq_ids = shift_labels(batch["seq_index"])  # (B, T): sequence of the token each position predicts
+        out["target_seq_index"] = torch.where(targets == IGNORE_INDEX, torch.full_like(seq_ids, -1), seq_ids)
+    return out
 
 
 def model_inputs(engine, batch: dict) -> dict:

@@ -12,6 +12,7 @@ import torch
 from .. import distributed as dist
 from ..data.protocol import to_device
 from ..data.samples import cache_key
+from ..models import sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ def precompute(run, logps_fn, cache: RefCache) -> torch.Tensor:
         for batch in data.every_unit_batches():
             ids = batch.pop("unit_ids").to(run.info.device)
             chosen, rejected = logps_fn(run.engine, to_device(batch, run.info.device))
-            table[ids, 0] = chosen.double()
-            table[ids, 1] = rejected.double()
+            if sequence_parallel.rank() == 0:  # SP peers hold the same (summed) log-probs: count them once
+                table[ids, 0] = chosen.double()
+                table[ids, 1] = rejected.double()
     run.engine.train()
     table = dist.all_reduce_sum(table)
     if dist.is_main():

@@ -22,6 +22,13 @@ a = attention heads:
                                at a time (s*b*h*34 [+ 5*a*s^2*b]) during backward
   logits                       b*s*V*4*2 bytes: fp32 logits and their gradient; with
                                train.loss_chunk_tokens = c: c*V*4*2 (the chunked head)
+Sequence parallelism (Ulysses, SP ranks): every rank holds s/SP tokens of each row, so s -> s/SP
+above (the all-to-all hands attention the whole row with a/SP heads: the same bytes). ZeRO then
+partitions over all N ranks (DeepSpeed's sequence-data-parallel group is the whole world).
+Tensor parallelism (AutoTP, TP ranks; Korthikanti eq. 3 without their sequence parallelism):
+s*b*h*(10 + 24/TP + 5*a*s/(h*TP)) per layer (the residual stream stays replicated); the linear
+layers' weights, gradients and optimizer states are split TP ways (embeddings and norms are not),
+ZeRO partitions over the N/TP data-parallel ranks, and the logits are whole on every TP rank.
 The 34 assumes a 4h MLP; SwiGLU models (Llama, Qwen: ~3.5h of 3 matrices) are close to it. A fixed
 `overhead_gib` (CUDA context, NCCL buffers, allocator fragmentation; default 2 GiB) is added.
 These are estimates: measure with a short run before committing a cluster allocation.
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import Config
+from ..distributed.mesh import build_mesh, check_model, check_zero_stage
 from ..errors import ConfigError
 
 GIB = 1024**3
@@ -47,6 +55,7 @@ class ModelShape:
     layers: int
     heads: int
     vocab: int
+    linear_params: int = 0  # nn.Linear weights and biases (what AutoTP shards; the LM head included)
 
 
 @dataclass
@@ -99,8 +108,17 @@ def model_shape(hf_config) -> ModelShape:
     unique = {id(p): p.numel() for p in model.parameters()}  # tied embeddings once
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    linear = sum(p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear) for p in mod.parameters())
     return ModelShape(params=sum(unique.values()), largest_layer_params=largest, hidden=text.hidden_size,
-                      layers=text.num_hidden_layers, heads=text.num_attention_heads, vocab=text.vocab_size)
+                      layers=text.num_hidden_layers, heads=text.num_attention_heads, vocab=text.vocab_size,
+                      linear_params=linear)
+
+
+def params_per_rank(shape: ModelShape, tp: int) -> int:
+    """Parameters one TP rank holds: the linear layers split TP ways, the rest replicated."""
+    if tp == 1:
+        return shape.params
+    return shape.params - shape.linear_params + -(-shape.linear_params // tp)
 
 
 # --------------------------------------------------------------------------- formulas
@@ -128,11 +146,11 @@ def model_state_bytes(params: int, stage: int, gpus: int, offload: str = "none")
 
 
 def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: int, checkpointing: bool,
-                     flash: bool = True, loss_chunk_tokens: int = 0) -> float:
-    """Korthikanti et al. 2022 per-layer estimate + logits (module docstring)."""
-    s, b, h, a = seq_len, micro_batch_size, shape.hidden, shape.heads
-    scores = 0 if flash else 5 * a * s / h  # stored attention scores (eager attention only)
-    full_layer = s * b * h * (34 + scores)
+                     flash: bool = True, loss_chunk_tokens: int = 0, sp: int = 1, tp: int = 1) -> float:
+    """Korthikanti et al. 2022 per-layer estimate + logits (module docstring), per rank of an SP/TP group."""
+    s, b, h, a = -(-seq_len // sp), micro_batch_size, shape.hidden, shape.heads  # s: this rank's tokens of a row
+    scores = 0 if flash else 5 * a * seq_len / (h * tp)  # stored attention scores (eager attention only)
+    full_layer = s * b * h * (10 + 24 / tp + scores)
     if checkpointing:
         layers = shape.layers * 2 * s * b * h + full_layer  # saved inputs + one layer recomputed
     else:
@@ -142,14 +160,18 @@ def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: int, che
 
 
 def options(shape: ModelShape, gpus: int, seq_len: int, micro_batch_size: int, checkpointing: bool,
-            loss_chunk_tokens: int = 0, flash: bool = True, overhead_gib: float = 2.0) -> list[Option]:
-    """Every (stage, offload) for the given micro-batch and checkpointing setting."""
+            loss_chunk_tokens: int = 0, flash: bool = True, overhead_gib: float = 2.0, sp: int = 1,
+            tp: int = 1) -> list[Option]:
+    """Every (stage, offload) for the given micro-batch and checkpointing setting (ZeRO-3 not under TP)."""
     out = []
     combos = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (1, "optimizer"), (2, "optimizer"),
               (3, "optimizer"), (3, "optimizer+param")]
     for stage, offload in combos:
-        gpu, cpu = model_state_bytes(shape.params, stage, gpus, offload)
-        act = activation_bytes(shape, micro_batch_size, seq_len, checkpointing, flash, loss_chunk_tokens)
+        if tp > 1 and stage == 3:
+            continue  # distributed/mesh.check_zero_stage
+        # ZeRO partitions over the data-parallel group: all ranks under SP, world / TP under TP
+        gpu, cpu = model_state_bytes(params_per_rank(shape, tp), stage, gpus // tp, offload)
+        act = activation_bytes(shape, micro_batch_size, seq_len, checkpointing, flash, loss_chunk_tokens, sp, tp)
         gather = 2 * 2 * shape.largest_layer_params if stage == 3 else 0  # current + prefetched layer, bf16
         total = gpu + act + gather + overhead_gib * GIB
         out.append(Option(stage, offload, micro_batch_size, checkpointing, gpu / GIB, act / GIB, total / GIB, cpu / GIB))
@@ -158,7 +180,7 @@ def options(shape: ModelShape, gpus: int, seq_len: int, micro_batch_size: int, c
 
 def recommend(shape: ModelShape, gpus: int, gpu_mem_gib: float, seq_len: int, micro_batch_size: int,
               checkpointing: bool, loss_chunk_tokens: int = 0, flash: bool = True,
-              overhead_gib: float = 2.0) -> Optional[Option]:
+              overhead_gib: float = 2.0, sp: int = 1, tp: int = 1) -> Optional[Option]:
     """The first option that fits, in this order of preference (fastest first): no offload before
     optimizer offload before parameter offload; lower ZeRO stage before higher (less communication);
     the recipe's checkpointing setting before turning it on; the recipe's micro-batch before halving it
@@ -173,7 +195,7 @@ def recommend(shape: ModelShape, gpus: int, gpu_mem_gib: float, seq_len: int, mi
                 continue
             for ckpt in checkpoint_settings:
                 for mbs in micro_batches:
-                    for o in options(shape, gpus, seq_len, mbs, ckpt, loss_chunk_tokens, flash, overhead_gib):
+                    for o in options(shape, gpus, seq_len, mbs, ckpt, loss_chunk_tokens, flash, overhead_gib, sp, tp):
                         if o.stage == stage and o.offload == offload and o.total_gib <= gpu_mem_gib:
                             return o
     return None
@@ -200,9 +222,17 @@ def _gib(x: float) -> str:
 
 def report(cfg: Config, gpus: int, gpu_mem_gib: float, model_config_path: Optional[str] = None,
            overhead_gib: float = 2.0, flash: bool = True) -> str:
-    shape = model_shape(hf_config_for(cfg, model_config_path))
+    hf_config = hf_config_for(cfg, model_config_path)
+    shape = model_shape(hf_config)
     t, d, m = cfg.train, cfg.data, cfg.model
     seq = d.max_seq_len
+    # the checks the run does at start-up, with --gpus as the world size: one line naming the keys
+    mesh = build_mesh(cfg.parallel, gpus, 0)
+    check_model(cfg.parallel, hf_config)
+    sp, tp = mesh.sp, mesh.tp
+    stage, offload = _ds_stage(cfg.deepspeed.config)
+    if stage >= 0:
+        check_zero_stage(cfg.parallel, stage, cfg.deepspeed.config)
     lines = [
         f"model: {shape.params / 1e9:.3f}B params ({shape.params:,}; largest layer {shape.largest_layer_params:,}), "
         f"hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads, vocab {shape.vocab:,}",
@@ -210,22 +240,23 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, model_config_path: Option
         f"{m.gradient_checkpointing}, loss_chunk_tokens {t.loss_chunk_tokens}, {gpus} GPU(s) of {gpu_mem_gib:g} GiB, "
         f"attention {'flash/sdpa (no stored scores)' if flash else 'eager (stores s x s scores)'}, "
         f"overhead {overhead_gib:g} GiB",
+        f"{mesh.describe()} over {gpus} GPU(s): each row split over {sp} rank(s), weights over {tp}; "
+        f"ZeRO partitions over {gpus // tp} rank(s)",
         "",
         "| ZeRO | offload | model states GiB/GPU | activations GiB/GPU | total GiB/GPU | CPU GiB/rank | fits |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for o in options(shape, gpus, seq, t.micro_batch_size, m.gradient_checkpointing, t.loss_chunk_tokens, flash,
-                     overhead_gib):
+                     overhead_gib, sp, tp):
         lines.append(f"| {o.stage} | {o.offload} | {_gib(o.model_states_gib)} | {_gib(o.activations_gib)} | "
                      f"{_gib(o.total_gib)} | {_gib(o.cpu_gib)} | {'yes' if o.total_gib <= gpu_mem_gib else 'no'} |")
     act_other = activation_bytes(shape, t.micro_batch_size, seq, not m.gradient_checkpointing, flash,
-                                 t.loss_chunk_tokens) / GIB
+                                 t.loss_chunk_tokens, sp, tp) / GIB
     lines.append(f"(activations with gradient_checkpointing={not m.gradient_checkpointing}: {_gib(act_other)} GiB/GPU)")
-    stage, offload = _ds_stage(cfg.deepspeed.config)
     if stage >= 0:
         lines.append(f"recipe's {cfg.deepspeed.config}: ZeRO-{stage}, offload {offload}")
     best = recommend(shape, gpus, gpu_mem_gib, seq, t.micro_batch_size, m.gradient_checkpointing,
-                     t.loss_chunk_tokens, flash, overhead_gib)
+                     t.loss_chunk_tokens, flash, overhead_gib, sp, tp)
     if best is None:
         lines.append(f"recommendation: nothing fits in {gpu_mem_gib:g} GiB per GPU even with ZeRO-3, parameter "
                      "offload, checkpointing and micro_batch_size 1: add GPUs, shorten data.max_seq_len, or use LoRA")
@@ -240,8 +271,8 @@ def report(cfg: Config, gpus: int, gpu_mem_gib: float, model_config_path: Option
                      f"~{best.total_gib:.1f} of {gpu_mem_gib:g} GiB per GPU")
         lines.append(f"  overrides: deepspeed.config={ds} train.micro_batch_size={best.micro_batch_size} "
                      f"train.grad_accum={accum} model.gradient_checkpointing={str(best.gradient_checkpointing).lower()}")
-    if not t.loss_chunk_tokens and shape.vocab >= 64000:
-        chunked = activation_bytes(shape, t.micro_batch_size, seq, m.gradient_checkpointing, flash, 1024) / GIB
+    if not t.loss_chunk_tokens and shape.vocab >= 64000 and tp == 1:  # TP shards the head: no chunking
+        chunked = activation_bytes(shape, t.micro_batch_size, seq, m.gradient_checkpointing, flash, 1024, sp, tp) / GIB
         lines.append(f"hint: train.loss_chunk_tokens=1024 would cut activations to ~{chunked:.1f} GiB "
                      f"(the {shape.vocab:,}-token logits are never materialised)")
     return "\n".join(lines)

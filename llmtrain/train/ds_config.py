@@ -107,8 +107,18 @@ def _same(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b))
 
 
-def build_ds_config(t: TrainConfig, section: DeepSpeedSection, world_size: int, device: torch.device) -> dict:
-    """The JSON's ZeRO/offload settings + everything the recipe decides."""
+def batch_world_size(world_size: int, mesh=None) -> int:
+    """The rank count DeepSpeed's train_batch_size check multiplies by (runtime/config.py:457-472):
+    with the Ulysses SP mpu the data-parallel size world / SP; under AutoTP (no mpu passed) every
+    rank counts, although gradients are averaged over world / TP only."""
+    if mesh is None or mesh.sp == 1:
+        return world_size
+    return world_size // mesh.sp
+
+
+def build_ds_config(t: TrainConfig, section: DeepSpeedSection, world_size: int, device: torch.device,
+                    mesh=None) -> dict:
+    """The JSON's ZeRO/offload settings + everything the recipe decides (+ the SP/TP blocks of `mesh`)."""
     path = section.config
     ds = load_ds_json(path)
     ours = {
@@ -122,11 +132,12 @@ def build_ds_config(t: TrainConfig, section: DeepSpeedSection, world_size: int, 
                 f"{path}: {key}={ds[key]} disagrees with {_OWNED[key]}={value} ({t.where(_OWNED[key])}); "
                 f"remove {key} from the JSON: llmtrain writes it from the recipe"
             )
-    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    global_batch = t.micro_batch_size * t.grad_accum * batch_world_size(world_size, mesh)
     if "train_batch_size" in ds and ds["train_batch_size"] != "auto" and ds["train_batch_size"] != global_batch:
         raise ConfigError(
             f"{path}: train_batch_size={ds['train_batch_size']} disagrees with train.micro_batch_size x "
-            f"train.grad_accum x world size = {global_batch}; remove train_batch_size from the JSON"
+            f"train.grad_accum x world size{' / SP' if mesh is not None and mesh.sp > 1 else ''} = {global_batch}; "
+            "remove train_batch_size from the JSON"
         )
     for key in ("optimizer", "scheduler"):
         if key in ds:
@@ -161,9 +172,34 @@ def build_ds_config(t: TrainConfig, section: DeepSpeedSection, world_size: int, 
     if zero.get("stage", 0) == 3:
         # final/ export gathers the partitioned weights into one 16-bit state dict
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if mesh is not None:
+        _parallel_blocks(ds, mesh, path)
     ds.setdefault("steps_per_print", 10**9)  # progress comes from our own logger
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _parallel_blocks(ds: dict, mesh, path: str) -> None:
+    """Ulysses SP / AutoTP keys. The JSON must not set them: parallel.* is their one source."""
+    for key in ("sequence_parallel_size", "tensor_parallel", "data_parallel_size"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove '{key}'; llmtrain sets it from parallel.*")
+    if mesh.sp > 1:
+        # read by DeepSpeedConfig when no mpu is passed (the zero.Init / HfDeepSpeedConfig path of
+        # ZeRO-3 loading, and DPO's frozen reference): world / SP for the batch check (config.py:466)
+        ds["sequence_parallel_size"] = mesh.sp
+        zero = ds["zero_optimization"]
+        if int(zero.get("stage", 0)) == 3:
+            # DeepSpeed 0.19.8 bug: ZeRO-3's reduce_scatter path (stage3.py:1912-1944 ->
+            # comm/coalesced_collectives.py:124) averages gradients over the whole DP x SP world, its
+            # all-reduce path (stage3.py:1878) over DP. Pin every bucket to reduce_scatter (a parameter
+            # larger than reduce_bucket_size takes it anyway, stage3.py:1626/1673) and scale the loss
+            # by SP more (engine.backward_scale); tests/integration/test_parallel.py notices a fix
+            zero["reduce_scatter"] = True
+    if mesh.tp > 1:
+        # no "dtype": TPTrainingConfig wants a torch.dtype instance that the config print cannot
+        # serialise, and training never reads it (params keep the engine's dtype)
+        ds["tensor_parallel"] = {"autotp_size": mesh.tp}
 
 
 def zero_stage(ds_config: dict) -> int:

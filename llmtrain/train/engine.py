@@ -16,12 +16,17 @@ from ..config import TrainConfig
 from .optim import describe_groups, param_groups, schedule_for
 
 
-def backward_scale(grad_accum: int, data_parallel_size: int) -> int:
+def backward_scale(grad_accum: int, data_parallel_size: int, sp_size: int = 1, stage: int = 0) -> int:
     """What undoes DeepSpeed's own normalisation of a micro-batch loss that is already its share of
     the global-batch mean: engine.backward divides the loss by gradient_accumulation_steps, and the
-    gradient all-reduce averages over the data-parallel ranks. (Sequence/tensor parallelism changes
-    the data-parallel size, and ZeRO-3 with Ulysses SP needs a further factor: issue 16.)"""
-    return grad_accum * data_parallel_size
+    gradient reduction averages over the data-parallel ranks.
+
+    Ulysses SP: gradients are summed over the DP x SP group and divided by world / SP = DP
+    (engine.py:3883, stage_1_and_2.py:1506, stage3.py:1878): the SP ranks' shares add up, as they
+    should (each holds disjoint tokens). Except ZeRO-3's reduce_scatter path, which divides by the
+    whole world (comm/coalesced_collectives.py:124; ds_config pins that path): x SP there.
+    AutoTP: averaged over the DP group (world / TP) only."""
+    return grad_accum * data_parallel_size * (sp_size if stage == 3 and sp_size > 1 else 1)
 
 
 class EngineAdapter:
@@ -100,9 +105,11 @@ def _no_update(engine):
 
 
 def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_size: int,
-               device: torch.device, ds_config_path: str = "the DeepSpeed config") -> EngineAdapter:
+               device: torch.device, ds_config_path: str = "the DeepSpeed config", mesh=None,
+               mpu=None) -> EngineAdapter:
     """deepspeed.initialize with AdamW groups (optim.param_groups) and the recipe's LR schedule;
-    ds_config_path (deepspeed.config) names the JSON in the refusal of an asynchronous checkpoint writer."""
+    ds_config_path (deepspeed.config) names the JSON in the refusal of an asynchronous checkpoint writer.
+    mesh: distributed.mesh.Mesh; mpu: DeepSpeed's SP state (models.sequence_parallel.register)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -114,12 +121,14 @@ def initialize(model: torch.nn.Module, t: TrainConfig, ds_config: dict, world_si
         model_parameters=groups,
         config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+        mpu=mpu,
     )
     from .ckpt_engine import check_supported
 
     check_supported(engine.checkpoint_engine, ds_config_path)  # before training, not at the first save
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    return EngineAdapter(engine, stage=stage, grad_scale=backward_scale(t.grad_accum, world_size), device=device)
+    dp, sp = (mesh.dp, mesh.sp) if mesh is not None else (world_size, 1)
+    return EngineAdapter(engine, stage=stage, grad_scale=backward_scale(t.grad_accum, dp, sp, stage), device=device)
 
 
 def accumulation_note(engine, t: TrainConfig, precision: str) -> str:

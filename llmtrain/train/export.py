@@ -49,6 +49,10 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int, wait_minutes: float =
     lora = is_lora(engine)
     if stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+    elif _autotp_size(engine) > 1:
+        # AutoTP: engine.module holds this rank's shards; gathered into whole tensors on rank 0
+        # (a collective: every rank calls it; engine.py:5571-5612)
+        state_dict = engine._consolidated_16bit_state_dict()
     else:
         state_dict = engine.module.state_dict() if dist.is_main() else None
     merge = lora and getattr(engine.module, "llmtrain_export", {}).get("merge")
@@ -56,6 +60,11 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int, wait_minutes: float =
     waiting.one_rank_does(lambda: _write_final(engine.module, tokenizer, state_dict, out_dir, lora, step),
                           name="final", what=what, marker_dir=os.path.dirname(os.path.abspath(out_dir)),
                           timeout_minutes=wait_minutes, stale_minutes=stale_minutes)
+
+
+def _autotp_size(engine) -> int:
+    size = getattr(engine, "autotp_size", None)
+    return int(size() or 1) if callable(size) else 1
 
 
 def _write_final(model, tokenizer, state_dict, out_dir: str, lora: bool, step: Optional[int]) -> None:

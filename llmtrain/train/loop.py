@@ -16,6 +16,7 @@ import torch
 
 from .. import distributed as dist
 from ..data.protocol import to_device
+from ..distributed.mesh import replica_count
 from ..errors import LlmtrainError
 from .flops import flops_per_token, peak_flops, throughput_columns
 from .metrics import Throughput
@@ -99,7 +100,8 @@ def train_loop(run) -> RunState:
     eval_set = data.eval_set()
     throughput = Throughput()
     # tflops_per_gpu / mfu columns: FLOPs per token counted once (ZeRO-3 shards via ds_numel)
-    model_flops_per_token, peak = flops_per_token(engine.module, run.seq_len), peak_flops(info.device)
+    model_flops_per_token = getattr(run, "model_flops_per_token", None) or flops_per_token(engine.module, run.seq_len)
+    peak = peak_flops(info.device)
     stop = StopFlag()
     start_time, start_step = time.perf_counter(), state.step
     engine.train()
@@ -144,7 +146,8 @@ def train_loop(run) -> RunState:
         if state.step % t.log_every == 0 or last:
             names = sorted(metric_sums)
             packed = torch.stack([loss_sum.double()] + [metric_sums[k] for k in names])
-            packed = dist.all_reduce_sum(packed).tolist()
+            # TP ranks each hold the whole loss: count it once (SP ranks hold disjoint shares)
+            packed = (dist.all_reduce_sum(packed) / replica_count()).tolist()
             row = {
                 "step": state.step,
                 "loss": packed[0],

@@ -6,6 +6,7 @@ that holds the whole recipe; it hands each other component the section it uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import random
@@ -21,8 +22,11 @@ from ..config import Config, save_resolved
 from ..data.protocol import DataContext, TrainData
 from ..data.tokenizer_id import tokenizer_hash
 from ..distributed import preflight
+from ..distributed.mesh import build_mesh, check_model, check_zero_stage
+from ..distributed.mesh import set_current as set_current_mesh
 from ..errors import ConfigError
 from ..models.fastpaths import apply_fast_paths
+from ..models import sequence_parallel
 from ..models.loading import load_model
 from ..models.params import count_parameters
 from ..models.tokenizer import load_tokenizer
@@ -31,6 +35,7 @@ from ..tools import plots
 from . import checkpoint, export, universal
 from .ds_config import build_ds_config, resolve_precision, zero_stage
 from .engine import EngineAdapter, accumulation_note, initialize
+from .flops import flops_per_token
 from .loop import RunState, train_loop
 from .metrics import make_logger
 from .optim import apply_train_settings
@@ -69,6 +74,8 @@ class Run:
     logger: Any
     state: RunState
     data_state: Optional[dict] = None  # data position after the last trained step (the loop prefetches ahead)
+    # training FLOPs per token of the whole model, counted before AutoTP shards the weights (flops.py)
+    model_flops_per_token: Optional[int] = None
 
     @property
     def engine(self):
@@ -104,8 +111,10 @@ class Run:
             "consecutive_skips": self.state.consecutive_skips,
             "data": self.data_state if self.data_state is not None else self.data.state_dict(),
             "tokenizer_hash": self.tok_hash,
-            "global_batch": t.micro_batch_size * t.grad_accum * self.info.world_size,
+            "global_batch": t.micro_batch_size * t.grad_accum * self.info.data_world_size,
             "world_size": self.info.world_size,
+            "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
+            "tensor_parallel_size": self.cfg.parallel.tensor_parallel_size,
             "task": self.objective.name,
         }
 
@@ -139,12 +148,24 @@ def check_resume_step(cfg: Config, resume_path: str) -> None:
                           f"{saved_step}, or train.resume=never with overwrite_output_dir=true to start over")
 
 
+def check_resume_tp(cfg: Config, resume_path: str) -> None:
+    """DeepSpeed's checkpoint holds one model file per TP rank (mp_rank_XX); loading it at another TP
+    size fails deep inside its Megatron merge (state_dict_factory.py:423): one line before that."""
+    saved_tp = checkpoint.saved_state(resume_path).get("tensor_parallel_size", 1)
+    tp = cfg.parallel.tensor_parallel_size
+    if saved_tp != tp:
+        raise ConfigError(f"{cfg.parallel.where('parallel.tensor_parallel_size')}: parallel.tensor_parallel_size={tp} "
+                          f"but the checkpoint to resume ({resume_path}) was written with {saved_tp}; resume at the "
+                          "same TP size, or start a new run (train.resume=never) from a final/ export")
+
+
 def _start(cfg: Config, info) -> Optional[str]:
     """Rank 0 readies output_dir (config.yaml, run identity); returns the checkpoint to resume, if any."""
     resume_path = checkpoint.find_resume(cfg)
     check_output_dir(cfg, resuming=resume_path is not None)
     if resume_path is not None:
         check_resume_step(cfg, resume_path)
+        check_resume_tp(cfg, resume_path)
     if info.is_main:
         if cfg.overwrite_output_dir and resume_path is None:
             for sub in ("checkpoints", "final"):  # asked for explicitly: the old run goes
@@ -176,6 +197,9 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
 
 def setup(cfg: Config, objective: Objective) -> Run:
     info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
+    mesh = build_mesh(cfg.parallel, info.world_size, info.rank)  # DP x SP x TP: one line if the world does not split
+    info = dataclasses.replace(info, mesh=mesh)
+    set_current_mesh(mesh)
     for line in cfg.notices:  # values adjusted while loading (e.g. warmup clamped to max_steps)
         dist.print0(line)
     tokenizer = load_tokenizer(cfg.model)
@@ -185,25 +209,31 @@ def setup(cfg: Config, objective: Objective) -> Run:
     resume_path = _start(cfg, info)
 
     t = cfg.train
-    ds_config = build_ds_config(t, cfg.deepspeed, info.world_size, info.device)
+    ds_config = build_ds_config(t, cfg.deepspeed, info.world_size, info.device, mesh)
+    check_zero_stage(cfg.parallel, zero_stage(ds_config), cfg.deepspeed.config)
     precision = resolve_precision(t, info.device)
     data = objective.build_data(DataContext.of(cfg, tokenizer, info, tok_hash))
     resume_path = _universal_if_resized(cfg, info, ds_config, resume_path)
     model = load_model(cfg.model, cfg.lora, t.seed, tokenizer, ds_config, precision, info.device, head=objective.head)
     objective.prepare_model(model)  # e.g. the reward model's zeroed head: before the engine copies the weights
     model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
+    check_model(cfg.parallel, model.config)  # heads divisible by SP/TP, a TP-supported architecture
+    # Ulysses attention + SP groups, before deepspeed.initialize (every rank; a no-op without SP)
+    mpu = sequence_parallel.register(model, mesh.sp).mpu if mesh.sp > 1 else None
     trainable, total = count_parameters(model)
-    adapter = initialize(model, t, ds_config, info.world_size, info.device, cfg.deepspeed.config)
+    model_flops = flops_per_token(model, cfg.data.max_seq_len)  # before AutoTP replaces layers by shards
+    adapter = initialize(model, t, ds_config, info.world_size, info.device, cfg.deepspeed.config, mesh=mesh, mpu=mpu)
     dist.print0(
         f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{adapter.stage}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
+        f"ZeRO-{adapter.stage}, {mesh.describe()}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
         f"params {total:,} ({trainable:,} trainable), "
-        f"global batch {t.micro_batch_size * t.grad_accum * info.world_size} "
+        f"global batch {t.micro_batch_size * t.grad_accum * info.data_world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"
     )
 
     state = RunState()
-    run = Run(cfg, info, objective, tokenizer, tok_hash, data, adapter, ds_config, precision, None, state)
+    run = Run(cfg, info, objective, tokenizer, tok_hash, data, adapter, ds_config, precision, None, state,
+              model_flops_per_token=model_flops)
     objective.setup(run)  # e.g. DPO's reference: before a resume overwrites the starting weights
     if resume_path is not None:
         resume(run, resume_path)

@@ -26,7 +26,7 @@ import numpy as np
 from ...config import DataConfig, SourceConfig, TrainConfig, sources
 from ...errors import ConfigError, DataError
 from ..batching import StepPlan, collate_sequences
-from ..protocol import DataContext, EvalSet
+from ..protocol import DataContext, EvalSet, data_coordinates
 from ..tokenizer_id import vocab_hash
 from .store import MANIFEST_NAME, PretrainRows, ShardError, TokenShards
 
@@ -85,7 +85,8 @@ class PretrainData:
             self.rows = PretrainRows(train, seq_len=self.row_tokens - 1, seed=t.seed, packing=d.packing)
         except ValueError as e:
             raise DataError(f"data.train: {e}") from None
-        self.mbs, self.ga, self.world, self.rank = t.micro_batch_size, t.grad_accum, info.world_size, info.rank
+        self.mbs, self.ga = t.micro_batch_size, t.grad_accum
+        self.rank, self.world = data_coordinates(info)  # SP/TP peers read the same rows
         self.rows_per_step = self.mbs * self.ga * self.world
         self.rows_per_epoch = sum(self.rows.source_rows)  # for the logged (fractional) epoch
         self.eval_sources = eval_sources
