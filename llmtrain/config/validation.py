@@ -111,7 +111,7 @@ def _validate_parallel(cfg: Config) -> None:
     if sp > 1:
         attn = cfg.model.attn_implementation
         _require(attn not in ("eager", "flex_attention"), cfg, "model.attn_implementation",
-                 f"is not supported with parallel.sequence_parallel_size>1 (DeepSpeed's Ulysses rejects eager "
+                 "is not supported with parallel.sequence_parallel_size>1 (DeepSpeed's Ulysses rejects eager "
                  "and rebuilds a plain causal mask for flex, losing packing); use auto, sdpa or flash_attention_2")
         _require(cfg.data.max_seq_len >= sp, cfg, "data.max_seq_len",
                  f"is below parallel.sequence_parallel_size={sp}: every rank needs at least "

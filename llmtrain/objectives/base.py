@@ -46,6 +46,9 @@ class Objective(ABC):
     name: ClassVar[str]  # the command (`llmtrain sft`, launch/sft.py) and trainer_state.json's "task"
     summary: ClassVar[str]  # one line for `llmtrain --help`
     head: ClassVar[str] = "causal_lm"  # the model head models.load_model builds (models.loading.HEADS)
+    # parallel.sequence_parallel_size / tensor_parallel_size > 1 tested for this task (SP shards its
+    # rows in lm_forward, TP needs its loss divided in the loop); False: refused with one line
+    model_parallel: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

@@ -93,6 +93,7 @@ class Reward(Objective):
     name = "reward"
     summary = "reward model: a scalar head on a causal LM, Bradley-Terry loss on preference pairs"
     head = "seq_cls"
+    model_parallel = False  # the reward head's last-token read-out does not see SP slices; TP untested
 
     def __init__(self, r: RewardConfig):
         self.r = r

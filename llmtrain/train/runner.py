@@ -196,6 +196,11 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
 
 
 def setup(cfg: Config, objective: Objective) -> Run:
+    p = cfg.parallel
+    if not objective.model_parallel and max(p.sequence_parallel_size, p.tensor_parallel_size) > 1:
+        key = "parallel.sequence_parallel_size" if p.sequence_parallel_size > 1 else "parallel.tensor_parallel_size"
+        raise ConfigError(f"{p.where(key)}: {key} > 1 is not supported by `llmtrain {objective.name}` yet "
+                          "(sft, pretrain and dpo support it); set it to 1")
     info = dist.init(cfg.dist.timeout_minutes, cfg.dist.backend)
     mesh = build_mesh(cfg.parallel, info.world_size, info.rank)  # DP x SP x TP: one line if the world does not split
     info = dataclasses.replace(info, mesh=mesh)

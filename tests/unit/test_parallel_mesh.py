@@ -216,3 +216,16 @@ def test_plan_reports_the_mesh_and_refuses_what_the_run_would_refuse():
         report(load_config(DEBUG_SFT, ["parallel.sequence_parallel_size=3"]), gpus=3, gpu_mem_gib=80)
     with pytest.raises(ConfigError, match="does not divide the world size 6"):
         report(load_config(DEBUG_SFT, ["parallel.tensor_parallel_size=4"]), gpus=6, gpu_mem_gib=80)
+
+
+@pytest.mark.parametrize("task,key", [("reward", "parallel.sequence_parallel_size"), ("rl", "parallel.tensor_parallel_size")])
+def test_tasks_without_model_parallel_refuse_sp_and_tp_with_one_line_before_starting(task, key):
+    from llmtrain.config import ConfigError, load_config
+    from llmtrain.objectives import OBJECTIVES
+    from llmtrain.train import runner
+
+    recipe = os.path.join(REPO, "recipes/debug", "reward.yaml" if task == "reward" else "grpo.yaml")
+    cfg = load_config(recipe, [f"{key}=2"])
+    with pytest.raises(ConfigError) as e:
+        runner.setup(cfg, OBJECTIVES[task].from_config(cfg))
+    assert key in str(e.value) and "\n" not in str(e.value)

@@ -34,6 +34,7 @@ class RL(Objective):
 
     name = "rl"
     summary = "online RL from the policy's own rollouts: GRPO, Dr. GRPO, RLOO (rewards: Python verifiers, a reward model)"
+    model_parallel = False  # rollouts generate with whole sequences on every rank; SP/TP untested
 
     def __init__(self, r: RLConfig, chunk_tokens: int = 0):
         self.r, self.chunk_tokens = r, chunk_tokens
