@@ -115,13 +115,14 @@ def test_sp2_matches_one_rank_sft_zero3_with_resume_dpo_flash_and_tiled_mlp(para
     sp = "parallel.sequence_parallel_size=2"
     z3 = [f"deepspeed.config={REPO}/ds_configs/zero3.json", "model.gradient_checkpointing=true"]
     out = {k: str(tmp / f"sp_{k}") for k in ("sft", "dpo", "flash", "tiled")}
-    proc = _launch(2, ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3, "train.max_steps=2"],
+    # the tiled DP run first: Ulysses' attention wrapper is process-wide once an SP run registered it
+    proc = _launch(2, ["sft", recipes["sft"], f"output_dir={out['tiled']}", *z3, "parallel.tiled_mlp_shards=16",
+                       "train.grad_accum=1"],
+                   ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3, "train.max_steps=2"],
                    ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3],
                    ["dpo", recipes["dpo"], f"output_dir={out['dpo']}", sp],
                    ["sft", recipes["sft"], f"output_dir={out['flash']}", sp, *FLASH,
-                    f"deepspeed.config={REPO}/ds_configs/zero2.json"],
-                   ["sft", recipes["sft"], f"output_dir={out['tiled']}", *z3, "parallel.tiled_mlp_shards=16",
-                    "train.grad_accum=1"])
+                    f"deepspeed.config={REPO}/ds_configs/zero2.json"])
     log = proc.stdout + proc.stderr
     assert "mesh DP 1 x SP 2 x TP 1" in log
     assert "mesh DP 2 x SP 1 x TP 1" in log and "tiled MLP: 16 tiles per decoder MLP" in log
