@@ -61,6 +61,13 @@ def tile_mlp(mlp: torch.nn.Module, shards: int) -> None:
     mlp.forward = types.MethodType(_tiled_forward, mlp)
 
 
+def untile_mlp(mlp: torch.nn.Module) -> None:
+    """Back to the untiled forward (a no-op on an untiled MLP)."""
+    if getattr(mlp, "_llmtrain_tiles", None) is not None:
+        mlp.forward = mlp._llmtrain_untiled_forward
+        del mlp._llmtrain_untiled_forward, mlp._llmtrain_tiles
+
+
 def _rows(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp._llmtrain_untiled_forward(x)
 
