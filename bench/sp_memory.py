@@ -1,15 +1,18 @@
 """Activation memory per rank vs sequence length with Ulysses sequence parallelism 1 and 2 (CPU, gloo).
 
     python bench/sp_memory.py [--lens 1024,2048,4096] [--packed 4] [--hidden 256 --layers 4 --vocab 8192]
+                              [--tiled-mlp N]
 
 Starts `torchrun --nproc_per_node 1 ... --sp 1` and `torchrun --nproc_per_node 2 ... --sp 2` itself
-(one thread per rank) and prints one line per (SP, rank, sequence length, gradient checkpointing).
+(one thread per rank) and prints one line per (SP, rank, sequence length, gradient checkpointing, MLP tiles).
 Each measurement is one forward + backward of a small Llama through llmtrain's own SP path: a packed
 row collated by `collate_sequences` (`--packed` samples per row; 1 = one sample), sliced by
 `models.sequence_parallel.shard_batch`, DeepSpeed's Ulysses attention installed by
 `models.sequence_parallel.register` (core: llmtrain's packed sdpa), log-probs by
 `objectives.lm_forward.lm_forward_logps` (full logits, fp32), summed CE. No optimizer (activation
 memory does not depend on it), no DeepSpeed engine (ZeRO does not change activations).
+`--tiled-mlp N` measures every setting also with N MLP tiles (`parallel.tiled_mlp_shards`, through
+`models.tiled_mlp.tile_mlp`); the `tiles` column says which (0 = untiled).
 
   saved_MiB  bytes autograd keeps for backward (saved_tensors_hooks, each storage counted once): the
              activation memory proper, independent of the allocator
@@ -39,6 +42,7 @@ def _args(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--tiled-mlp", type=int, default=0, help="also measure with N MLP tiles (0: untiled only)")
     return p.parse_args(argv)
 
 
@@ -88,6 +92,7 @@ def measure(args) -> None:
 
     from llmtrain.losses import causal_lm_loss
     from llmtrain.models import sequence_parallel
+    from llmtrain.models.tiled_mlp import tile_mlp, untile_mlp
     from llmtrain.objectives.lm_forward import lm_forward_logps
 
     import deepspeed
@@ -103,28 +108,35 @@ def measure(args) -> None:
     if sp > 1:
         sequence_parallel.register(model, sp)
     lines = []
-    for length in [int(x) for x in args.lens.split(",")]:
-        for gc in (False, True):
-            if gc:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_counts = (0, args.tiled_mlp) if args.tiled_mlp > 0 else (0,)
+    settings = [(length, gc, tiles) for length in [int(x) for x in args.lens.split(",")] for gc in (False, True)
+                for tiles in tile_counts]
+    for length, gc, tiles in settings:
+        for layer in model.model.layers:
+            if tiles:
+                tile_mlp(layer.mlp, tiles)
             else:
-                model.gradient_checkpointing_disable()
-            batch = _row(length, args.packed, args.vocab, seed=length)
-            model.zero_grad(set_to_none=True)
-            tdist.barrier()
-            before = _rss_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-            saved, t0 = SavedBytes(), time.perf_counter()
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                token_logps, targets = lm_forward_logps(model, batch)
-                loss, _ = causal_lm_loss(token_logps, targets, length)
-            loss.backward()
-            sec = time.perf_counter() - t0
-            peak = (_rss_kib("VmHWM") - before) / 1024
-            lines.append(f"sp={sp} rank={rank} seq_len={length:6d} local_len={-(-length // sp):6d} gc={int(gc)} "
-                         f"saved_MiB={saved.total / 2**20:8.1f} peak_MiB={peak:8.1f} fwd+bwd_s={sec:.2f}")
-            tdist.barrier()
+                untile_mlp(layer.mlp)
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        batch = _row(length, args.packed, args.vocab, seed=length)
+        model.zero_grad(set_to_none=True)
+        tdist.barrier()
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
+        saved, t0 = SavedBytes(), time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            token_logps, targets = lm_forward_logps(model, batch)
+            loss, _ = causal_lm_loss(token_logps, targets, length)
+        loss.backward()
+        sec = time.perf_counter() - t0
+        peak = (_rss_kib("VmHWM") - before) / 1024
+        lines.append(f"sp={sp} rank={rank} seq_len={length:6d} local_len={-(-length // sp):6d} gc={int(gc)} "
+                     f"tiles={tiles:2d} saved_MiB={saved.total / 2**20:8.1f} peak_MiB={peak:8.1f} fwd+bwd_s={sec:.2f}")
+        tdist.barrier()
     for r in range(tdist.get_world_size()):
         if r == rank:
             print("\n".join(lines), flush=True)
@@ -144,11 +156,12 @@ def launch(args) -> None:
            "PYTHONPATH": REPO, "TOKENIZERS_PARALLELISM": "false"}
     print(f"settings: llama hidden={args.hidden} layers={args.layers} heads=8 kv_heads=4 vocab={args.vocab} fp32, "
           f"batch 1, {args.packed} sample(s) per row, sdpa (SP: llmtrain's packed sdpa under DeepSpeed Ulysses), "
-          f"full fp32 logits + CE, no optimizer; 1 thread per rank; lens {args.lens}", flush=True)
+          f"full fp32 logits + CE, no optimizer; 1 thread per rank; lens {args.lens}; "
+          f"MLP tiles {'0 and %d' % args.tiled_mlp if args.tiled_mlp else '0'}", flush=True)
     for sp in (1, 2):
         cmd = [torchrun, "--nproc_per_node", str(sp), "--master_port", str(_free_port()), os.path.abspath(__file__),
                "--sp", str(sp), "--lens", args.lens, "--packed", str(args.packed), "--hidden", str(args.hidden),
-               "--layers", str(args.layers), "--vocab", str(args.vocab)]
+               "--layers", str(args.layers), "--vocab", str(args.vocab), "--tiled-mlp", str(args.tiled_mlp)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         out = [line for line in proc.stdout.splitlines() if line.startswith("sp=")]
         print("\n".join(out) if out else proc.stdout[-2000:] + proc.stderr[-2000:], flush=True)

@@ -150,6 +150,10 @@ class ParallelConfig(Section):
     # ranks the attention and MLP weights are sharded over (DeepSpeed AutoTP; Llama, Qwen2, Mistral);
     # ZeRO 0-2 only; cannot be combined with sequence_parallel_size > 1
     tensor_parallel_size: int = 1
+    # 0 = off; N > 0: every decoder MLP (gate/up/down) computes its rows in N tiles (DeepSpeed's
+    # TiledMLP): its intermediate activations exist for one tile at a time; costs one extra MLP
+    # forward per step (the backward recomputes each tile). Llama, Qwen2, Mistral; not with TP
+    tiled_mlp_shards: int = 0
 
 
 @dataclass

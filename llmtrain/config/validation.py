@@ -102,6 +102,10 @@ def _validate_parallel(cfg: Config) -> None:
     sp, tp = p.sequence_parallel_size, p.tensor_parallel_size
     _require(sp >= 1, cfg, "parallel.sequence_parallel_size", "must be >= 1 (1 = off)")
     _require(tp >= 1, cfg, "parallel.tensor_parallel_size", "must be >= 1 (1 = off)")
+    _require(p.tiled_mlp_shards >= 0, cfg, "parallel.tiled_mlp_shards", "must be >= 0 (0 = off)")
+    # AutoTP replaces gate/up/down inside deepspeed.initialize, after the tiles captured their weights
+    _require(p.tiled_mlp_shards == 0 or tp == 1, cfg, "parallel.tiled_mlp_shards",
+             "must be 0 with parallel.tensor_parallel_size>1 (AutoTP replaces the MLP's layers; untested)")
     if sp > 1 and tp > 1:
         # DeepSpeed 0.19.8 puts both groups on the innermost consecutive ranks and AutoTP replaces the
         # engine's mpu with one that has no SP getters, so ZeRO would reduce as if SP were 1

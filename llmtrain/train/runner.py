@@ -29,6 +29,7 @@ from ..models.fastpaths import apply_fast_paths
 from ..models import sequence_parallel
 from ..models.loading import load_model
 from ..models.params import count_parameters
+from ..models.tiled_mlp import apply_tiled_mlp
 from ..models.tokenizer import load_tokenizer
 from ..objectives.base import Objective
 from ..tools import plots
@@ -223,6 +224,8 @@ def setup(cfg: Config, objective: Objective) -> Run:
     objective.prepare_model(model)  # e.g. the reward model's zeroed head: before the engine copies the weights
     model = apply_fast_paths(model, cfg.model, info.device)  # model.liger / model.compile (explicit switches)
     check_model(cfg.parallel, model.config)  # heads divisible by SP/TP, a TP-supported architecture
+    if apply_tiled_mlp(model, cfg.parallel):  # parallel.tiled_mlp_shards: per MLP instance, before ZeRO wraps it
+        dist.print0(f"tiled MLP: {cfg.parallel.tiled_mlp_shards} tiles per decoder MLP")
     # Ulysses attention + SP groups, before deepspeed.initialize (every rank; a no-op without SP)
     mpu = sequence_parallel.register(model, mesh.sp).mpu if mesh.sp > 1 else None
     trainable, total = count_parameters(model)

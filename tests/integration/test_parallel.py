@@ -102,22 +102,31 @@ def parallel_refs(tiny_model_dir, tmp_path_factory):
     return tmp, recipes, out
 
 
-def test_sp2_matches_one_rank_sft_zero3_with_resume_dpo_and_flash(parallel_refs):
+def test_sp2_matches_one_rank_sft_zero3_with_resume_dpo_flash_and_tiled_mlp(parallel_refs):
     """SP = 2 on 2 ranks == 1 rank on the same rows: SFT under ZeRO-3 with gradient checkpointing
     (trained 2 steps, then resumed to 3), DPO under ZeRO-1, SFT on the flash path under ZeRO-2.
     ZeRO-3 needs llmtrain's gradient-scale correction (a DeepSpeed 0.19.8 bug): without it, or if
-    DeepSpeed fixes the bug, the ZeRO-3 run's gradients are off by a factor 2 and this fails."""
+    DeepSpeed fixes the bug, the ZeRO-3 run's gradients are off by a factor 2 and this fails.
+    In the same launch (no extra start-up): parallel.tiled_mlp_shards=16 as DP = 2 under ZeRO-3 with
+    gradient checkpointing (accumulation 1: the 1-rank run's rows). The two ranks hold packed rows of
+    different lengths (<= 64 tokens), for most of which torch.chunk alone gives fewer than 16 tiles (e.g.
+    13 for 50 tokens, 15 for 60): unequal ZeRO-3 gathers per rank; llmtrain pads to 16 tiles on both."""
     tmp, recipes, ref = parallel_refs
     sp = "parallel.sequence_parallel_size=2"
     z3 = [f"deepspeed.config={REPO}/ds_configs/zero3.json", "model.gradient_checkpointing=true"]
-    out = {k: str(tmp / f"sp_{k}") for k in ("sft", "dpo", "flash")}
-    proc = _launch(2, ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3, "train.max_steps=2"],
+    out = {k: str(tmp / f"sp_{k}") for k in ("sft", "dpo", "flash", "tiled")}
+    # the tiled DP run first: Ulysses' attention wrapper is process-wide once an SP run registered it
+    proc = _launch(2, ["sft", recipes["sft"], f"output_dir={out['tiled']}", *z3, "parallel.tiled_mlp_shards=16",
+                       "train.grad_accum=1"],
+                   ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3, "train.max_steps=2"],
                    ["sft", recipes["sft"], f"output_dir={out['sft']}", sp, *z3],
                    ["dpo", recipes["dpo"], f"output_dir={out['dpo']}", sp],
                    ["sft", recipes["sft"], f"output_dir={out['flash']}", sp, *FLASH,
                     f"deepspeed.config={REPO}/ds_configs/zero2.json"])
     log = proc.stdout + proc.stderr
     assert "mesh DP 1 x SP 2 x TP 1" in log
+    assert "mesh DP 2 x SP 1 x TP 1" in log and "tiled MLP: 16 tiles per decoder MLP" in log
+    _assert_same_run(ref["sft"], out["tiled"])
     assert "resumed from" in log and "step_00000002" in log
     # rows are longer than half of max_seq_len, so the split point falls inside a sample
     first = read_metrics(out["sft"])[0]
