@@ -233,7 +233,7 @@ def setup(cfg: Config, objective: Objective) -> Run:
     adapter = initialize(model, t, ds_config, info.world_size, info.device, cfg.deepspeed.config, mesh=mesh, mpu=mpu)
     dist.print0(
         f"llmtrain {objective.name}: {info.world_size} rank(s) via {info.launcher}, {info.device.type}/{info.backend}, "
-        f"ZeRO-{adapter.stage}, {mesh.describe()}, {precision}{accumulation_note(adapter.engine, t, precision)}, "
+        f"ZeRO-{adapter.stage}, {precision}{accumulation_note(adapter.engine, t, precision)}, {mesh.describe()}, "
         f"params {total:,} ({trainable:,} trainable), "
         f"global batch {t.micro_batch_size * t.grad_accum * info.data_world_size} "
         f"{'packed rows' if cfg.data.packing else 'sequences'} of <= {cfg.data.max_seq_len} tokens"

@@ -127,7 +127,8 @@ def test_two_ranks_zero3_match_one_rank_with_accumulation_and_the_uneven_eval(on
     from llmtrain.data.batching import eval_micro_batches
 
     # the premise: over 2 ranks the eval split is uneven and rank 1 runs a padding batch
-    assert eval_micro_batches(np.ones(EVAL_PAIRS), False, 128, 2, 2, 1)[-1] == []
+    batches = eval_micro_batches(np.ones(EVAL_PAIRS), False, 128, 2, 2, 1)
+    assert batches[len(batches) - 1] == []
     recipe = reward_recipe(tmp_path / "run", tiny_model_dir, data_files, grad_accum=2)
     recipe["deepspeed"]["config"] = data_files["zero3"]
     train, evals = run_reward(tmp_path, recipe, "two", ranks=2)
