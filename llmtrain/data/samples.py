@@ -299,8 +299,12 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
     index.flush()
     del index
     publish_once(index_tmp, os.path.join(directory, INDEX_NAME))
+    fingerprint = data_fingerprint(seqs_per_unit, sides)
     if unit_values:
         values = np.asarray([v for s in sides for v in s.get("unit_values", [])], dtype=np.float32)  # (units,)
+        # the values are part of the data: the same pairs with other margins must not resume as the same run
+        fingerprint = hashlib.sha256(f"{fingerprint}|values|{hashlib.sha256(values.tobytes()).hexdigest()}"
+                                     .encode()).hexdigest()[:16]
         values_tmp = os.path.join(directory, VALUES_NAME + tmp_suffix())
         with open(values_tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
             np.save(f, values)
@@ -318,7 +322,7 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
         "num_seqs": n_seqs, "num_tokens": sum(s["num_tokens"] for s in sides),
         "rows": sum(s.get("rows", 0) for s in sides), "bad_rows": len(bad),
         "dropped_too_long": sum(s.get("dropped_too_long", 0) for s in sides),
-        "fingerprint": data_fingerprint(seqs_per_unit, sides), "unit_values": unit_values, **(extra or {}),
+        "fingerprint": fingerprint, "unit_values": unit_values, **(extra or {}),
     }
     path = os.path.join(directory, MANIFEST_NAME)
     if not publish_json_once(path, manifest):

@@ -188,6 +188,34 @@ def test_margin_column_reaches_each_pair_and_its_loss_and_bad_margins_are_bad_ro
     assert len(set(expected.tolist())) > 1
 
 
+def test_margins_are_part_of_the_data_fingerprint(tmp_path):
+    """Resume refuses changed training data by its fingerprint: the same pairs with other margins are
+    other data (and the same margins the same data)."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import Config
+    from llmtrain.data.protocol import DataContext
+    from llmtrain.data.tokenizer_id import tokenizer_hash
+    from llmtrain.objectives import Reward
+
+    rows = [json.loads(line) for line in open(DPO_TRAIN)][:8]
+    _, tok = tiny_reward_model()
+    info = SimpleNamespace(rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+    def fingerprint(name, margins):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(dict(r, margin=m)) + "\n" for r, m in zip(rows, margins)))
+        cfg = Config()
+        cfg.data.train, cfg.data.max_seq_len, cfg.data.max_prompt_len = [str(path)], 64, 48
+        cfg.data.prepare_workers, cfg.train.micro_batch_size, cfg.reward.margin_column = 1, 4, "margin"
+        ctx = DataContext(cfg.data, cfg.train, info, tok, tokenizer_hash(tok), str(tmp_path / name))
+        return Reward.from_config(cfg).build_data(ctx).state_dict()["fingerprint"]
+
+    base = fingerprint("a", [0.5] * 8)
+    assert fingerprint("b", [0.5] * 8) == base
+    assert fingerprint("c", [0.5] * 7 + [1.0]) != base
+
+
 def _sequences_of_row(batch, row):
     """(ids, labels) numpy arrays of every sequence in one collated row, in order."""
     seq = batch["seq_index"][row]
