@@ -4,7 +4,7 @@ o_proj, down_proj, lm_head; q/k/v and gate/up are fused in vLLM) equal the engin
 through vLLM mostly agree with the engine's HF greedy ones (different kernels: not required bitwise).
 Prints "rl vllm gpu ok".
 
-  python tests/integration/rl_vllm_gpu.py MODEL_DIR
+  python tests/integration/rl_vllm_gpu.py MODEL_DIR [MASTER_PORT]
 """
 import os
 import sys
@@ -15,7 +15,7 @@ import torch
 
 def main(model_dir: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("MASTER_PORT", sys.argv[2] if len(sys.argv) > 2 else "29517")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

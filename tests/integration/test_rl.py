@@ -180,7 +180,7 @@ def test_vllm_backend_real_engine_on_gpu(tiny_model_dir, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     proc = run_cmd([os.path.join(BIN, "python"), os.path.join(REPO, "tests/integration/rl_vllm_gpu.py"),
-                    tiny_model_dir], timeout=600)
+                    tiny_model_dir, str(free_port())], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rl vllm gpu ok" in proc.stdout
     (tmp_path / "toy_rewards.py").write_text(REWARDS)

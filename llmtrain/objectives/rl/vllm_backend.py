@@ -217,11 +217,12 @@ class VLLMBackend:
 
     # --- generation ---
     def _generate(self, prompts: list[list[int]], params: list) -> list:
-        if not prompts:
-            return []
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["kv_cache"])
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False)
+        outs = []
+        if prompts:  # a rank may hold no eval prompts; it still synced (a collective) and goes back to sleep
+            if self.sleep_mode:
+                self.llm.wake_up(tags=["kv_cache"])
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params,
+                                     use_tqdm=False)
         if self.sleep_mode:
             self.llm.sleep(level=2)  # training gets the memory back; the weights must be pushed again
             self.synced_step = None
