@@ -20,7 +20,7 @@ import torch
 def engine_for(model_dir, lora, tok):
     import deepspeed
 
-    from llmtrain.config import LoraConfig, ModelConfig
+    from llmtrain.config import ModelConfig
     from llmtrain.models.loading import load_model
 
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 2,
