@@ -192,6 +192,9 @@ class RLConfig(Section):
     reward_weights: list = field(default_factory=list)  # one weight per reward function (default: all 1)
     reward_model: Optional[str] = None  # a reward-model directory (launch/reward.py final/), added with weight 1
     generation_backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate on the engine; vllm: (GPU) vLLM engine
+    vllm_gpu_memory_utilization: float = 0.3  # vllm: share of the GPU's memory vLLM takes (weights + KV cache)
+    vllm_max_model_len: int = 0  # vllm: context in tokens (0 = longest train/eval prompt + rl.max_new_tokens)
+    vllm_sleep: bool = True  # vllm: sleep mode, weights + KV cache freed while training (re-pushed each rollout)
     zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
     generation_batch_size: int = 64  # sequences per generate call on each rank
 

@@ -175,6 +175,8 @@ def _validate_rl(cfg: Config) -> None:
     _require(r.kl_coef >= 0, cfg, "rl.kl_coef", "must be >= 0 (0 = no reference model)")
     _require(r.std_eps >= 0, cfg, "rl.std_eps", "must be >= 0")
     _require(r.generation_batch_size >= 1, cfg, "rl.generation_batch_size", "must be >= 1")
+    _require(0 < r.vllm_gpu_memory_utilization <= 1, cfg, "rl.vllm_gpu_memory_utilization", "must be in (0, 1]")
+    _require(r.vllm_max_model_len >= 0, cfg, "rl.vllm_max_model_len", "must be >= 0 (0 = from the prompts)")
     ok = all(isinstance(f, str) and f.count(":") == 1 and all(f.split(":")) for f in r.reward_fns)
     _require(ok, cfg, "rl.reward_fns", "must be a list of `module:function` names")
     if r.reward_weights:

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import BIN, REPO, python_cmd, read_metrics, run_cmd, write_recipe, free_port
@@ -36,12 +37,13 @@ def rl_recipe(tmp_path, model_dir, out, ds_config, **train):
     }
 
 
-def run_rl(tmp_path, recipe, name, ranks=1):
+def run_rl(tmp_path, recipe, name, ranks=1, env=None):
     path = write_recipe(tmp_path / name, recipe)
     script = os.path.join(REPO, "launch/rl.py")
     cmd = ([os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), script]
            if ranks > 1 else python_cmd("launch/rl.py"))
-    proc = run_cmd(cmd + ["--recipe", path], timeout=300, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", **(env or {})}
+    proc = run_cmd(cmd + ["--recipe", path], timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -108,3 +110,85 @@ def test_zero3_generation_equals_unsharded(tiny_model_dir):
     proc = run_cmd(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("rl zero3 generate ok") == 2
+
+
+# --- rl.generation_backend=vllm on CPU: the pure-PyTorch stand-in for the vllm package ---
+FAKE_VLLM = os.path.join(REPO, "tests/integration/fake_vllm")
+
+
+def test_vllm_backend_weight_sync_equals_gathered_zero3_and_merged_lora_and_greedy_equals_hf(tiny_model_dir):
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{FAKE_VLLM}"}
+    cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "tests/integration/rl_vllm_sync.py"), tiny_model_dir]
+    proc = run_cmd(cmd, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rl vllm sync ok") == 2
+
+
+def test_vllm_backend_grpo_run_syncs_once_per_rollout_under_zero3(tiny_model_dir, tmp_path):
+    """2 ranks, ZeRO-3, 4 optimizer steps = 2 rollouts x 2 mini-batches, then the final eval: vLLM gets the
+    weights 3 times per rank (before each generate, never per step), all of them each time, and what it
+    holds at the eval is bitwise the run's final/ model."""
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:
+        (tmp_path / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
+    z3 = tmp_path / "zero3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    rec = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "run", str(z3), grad_accum=2, max_steps=4, save_every=0)
+    rec["rl"].update(generation_backend="vllm", ppo_epochs=1, mini_batches=2)
+    log, dump = tmp_path / "vllm_events.jsonl", tmp_path / "dump"
+    dump.mkdir()
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}{os.pathsep}{FAKE_VLLM}", "FAKE_VLLM_LOG": str(log),
+           "FAKE_VLLM_DUMP": str(dump)}
+    proc = run_rl(tmp_path, rec, "vllm.yaml", ranks=2, env=env)
+    assert "keyed sampler's rank/batch invariance and exact resume do not hold" in proc.stdout
+    rows = steps(rec["output_dir"])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows if "reward" in r] == [1, 3]
+    assert all(r["completion_len"] > 0 for r in rows if "reward" in r)
+    assert any("eval_reward" in r for r in read_metrics(rec["output_dir"]))
+    final = load_file(os.path.join(rec["output_dir"], "final", "model.safetensors"))
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    for rank in (0, 1):
+        mine = [e for e in events if e["rank"] == rank]
+        assert mine[0]["event"] == "init" and mine[0]["sleep"] and mine[0]["backend"] == "external_launcher"
+        assert mine[0]["max_model_len"] > rec["rl"]["max_new_tokens"]
+        kinds = []
+        for e in mine[1:]:  # one load_weights per module: collapsed into one "load"
+            k = "load" if e["event"] == "load_weights" else e["event"] + (f":{e['tags'][0]}" if "tags" in e else "")
+            if not (k == "load" and kinds[-1:] == ["load"]):
+                kinds.append(k)
+        one = ["wake_up:weights", "load", "reset_prefix_cache", "wake_up:kv_cache", "generate", "sleep"]
+        assert kinds == ["sleep"] + one * 3, kinds  # 2 rollouts + the eval; not once per optimizer step
+        names = []  # every parameter pushed at every sync
+        for e in mine:
+            if e["event"] == "reset_prefix_cache":
+                assert sorted(names) == sorted(final), set(names) ^ set(final)
+                names = []
+            names += e.get("names", []) if e["event"] == "load_weights" else []
+        gens = [e for e in mine if e["event"] == "generate"]
+        assert [g["greedy"] for g in gens] == [False, False, True]
+        assert [g["samples"] for g in gens[:2]] == [4, 4]  # 2 prompts per rank x rl.num_generations 2
+        held = load_file(str(dump / f"rank{rank}.safetensors"))  # vLLM's weights at the final eval
+        assert set(held) == set(final) and all(torch.equal(held[k], final[k]) for k in final)
+
+
+@pytest.mark.gpu
+def test_vllm_backend_real_engine_on_gpu(tiny_model_dir, tmp_path):
+    """The real vllm package on a CUDA GPU: a short GRPO run through it, and the weights vLLM holds after a
+    sync equal the engine's for the tensors vLLM keeps under their checkpoint names."""
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    proc = run_cmd([os.path.join(BIN, "python"), os.path.join(REPO, "tests/integration/rl_vllm_gpu.py"),
+                    tiny_model_dir, str(free_port())], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rl vllm gpu ok" in proc.stdout
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:
+        (tmp_path / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
+    rec = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "run", os.path.join(REPO, "ds_configs/zero0.json"),
+                    grad_accum=4, max_steps=4, save_every=0)
+    rec["rl"].update(generation_backend="vllm", ppo_epochs=1, mini_batches=2, vllm_gpu_memory_utilization=0.2)
+    run_rl(tmp_path, rec, "vllm_gpu.yaml")
+    rows = steps(rec["output_dir"])
+    assert [r["step"] for r in rows if "reward" in r] == [1, 3]

@@ -2,7 +2,8 @@
 group advantages (GRPO, Dr. GRPO, RLOO), the clipped surrogate against the rollout's log-probs,
 optionally a KL to a reference model (k3 loss term or k1 reward penalty).
 
-Modules: prompts.py (prompt rows), generation.py (hf backend, ZeRO-3), sampling.py (keyed sampler),
+Modules: prompts.py (prompt rows), generation.py (hf backend, ZeRO-3), vllm_backend.py (the vllm
+backend: colocated vLLM, weight sync), sampling.py (keyed sampler),
 rewards.py (reward functions, the exact-match verifier), rollout.py (the loop's data: one rollout
 every ppo_epochs x mini_batches optimizer steps); the losses are llmtrain/losses/rl.py.
 """
@@ -23,7 +24,7 @@ from .. import reference
 from ..base import Objective, RunContext
 from ..dpo import disable_dropout
 from ..lm_forward import lm_forward_logps, model_inputs
-from . import generation
+from . import generation, vllm_backend
 from .prompts import load_prompts
 from .rewards import RewardFn, RewardModelFn, load_reward_fns, score
 from .rollout import RolloutData
@@ -41,17 +42,20 @@ class RL(Objective):
         self.data: RolloutData | None = None
         self.ref_engine = None
         self.use_adapters_off = False
+        self.vllm: vllm_backend.VLLMBackend | None = None  # rl.generation_backend=vllm: built in setup
+        self.model_cfg, self.seed = None, 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RL":
         r = cfg.rl
         if r.generation_backend == "vllm":
-            raise ConfigError(f"{r.where('rl.generation_backend')}: rl.generation_backend=vllm is not available in "
-                              "this build; use hf")
+            vllm_backend.check_config(r, cfg.model, cfg.lora)
         if not r.reward_fns and r.reward_model is None:
             raise ConfigError(f"{r.where('rl.reward_fns')}: rl.reward_fns is empty; name at least one reward function "
                               "(e.g. llmtrain.objectives.rl.rewards:exact_match) or set rl.reward_model")
-        return cls(r, chunk_tokens=cfg.train.loss_chunk_tokens)
+        obj = cls(r, chunk_tokens=cfg.train.loss_chunk_tokens)
+        obj.model_cfg, obj.seed = cfg.model, cfg.train.seed
+        return obj
 
     def build_data(self, ctx: DataContext) -> RolloutData:
         fns = load_reward_fns(self.r.reward_fns, self.r.reward_weights, self.r.where)
@@ -84,6 +88,10 @@ class RL(Objective):
         stage = int(run.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.data.attach(run.engine, stage, lambda b: self._logps(run.engine, b)[0], ref)
         self.stage, self.engine = stage, run.engine
+        if self.r.generation_backend == "vllm":
+            self.vllm = vllm_backend.VLLMBackend(self.r, self.model_cfg, vllm_backend.vllm_dtype(run.ds_config),
+                                                 self.seed, run.info, vllm_backend.max_model_len(self.r, self.data))
+            self.data.vllm = self.vllm
 
     def _logps(self, engine, batch: dict, with_entropy: bool = False):
         """(target log-probs (B, T), summed entropy over the targets or None, targets). Entropy needs the
@@ -130,14 +138,10 @@ class RL(Objective):
         ps = data.eval_prompts
         mine = eval_set.batches
         prompts = [ps.token_ids[i] for i in mine]
-        with generation.generation_mode(engine, self.stage, r.zero3_gather) as synced:
-            if synced:  # the hooks path: every rank runs as many generate calls (dummy prompts fill the gap)
-                n = generation.batches_needed(len(prompts), r.generation_batch_size, device) * r.generation_batch_size
-                prompts = prompts + [ps.token_ids[0]] * (n - len(prompts))
-            outs = generation.generate(engine.module, prompts, keys=None, seed=0, temperature=1.0, top_p=1.0,
-                                       max_new_tokens=r.max_new_tokens, stop_ids=data.stop_ids,
-                                       pad_id=data.tok.pad_token_id, batch_size=r.generation_batch_size,
-                                       synced_gpus=synced, device=device)[: len(mine)]
+        if self.vllm is not None:
+            outs = self.vllm.greedy(engine, self.stage, prompts, r.max_new_tokens, data.stop_ids)
+        else:
+            outs = self._greedy_hf(engine, prompts, device)
         texts = data.tok.batch_decode([c for c, _ in outs], skip_special_tokens=True)
         columns = {k: [v[i] for i in mine] for k, v in ps.columns.items()}
         total, per_fn = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns) if mine else ([], {})
@@ -147,3 +151,15 @@ class RL(Objective):
         out = {"eval_reward": totals[0] / eval_set.global_weight}
         out.update({f"eval_reward_{n}": v / eval_set.global_weight for n, v in zip(names, totals[1:])})
         return out
+
+    def _greedy_hf(self, engine, prompts: list, device) -> list:
+        """Greedy completions on the engine's model (the hf backend). Collective under ZeRO-3."""
+        data, r, n_mine = self.data, self.r, len(prompts)
+        with generation.generation_mode(engine, self.stage, r.zero3_gather) as synced:
+            if synced:  # the hooks path: every rank runs as many generate calls (dummy prompts fill the gap)
+                n = generation.batches_needed(len(prompts), r.generation_batch_size, device) * r.generation_batch_size
+                prompts = prompts + [data.eval_prompts.token_ids[0]] * (n - len(prompts))
+            return generation.generate(engine.module, prompts, keys=None, seed=0, temperature=1.0, top_p=1.0,
+                                       max_new_tokens=r.max_new_tokens, stop_ids=data.stop_ids,
+                                       pad_id=data.tok.pad_token_id, batch_size=r.generation_batch_size,
+                                       synced_gpus=synced, device=device)[:n_mine]

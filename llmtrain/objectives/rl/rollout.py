@@ -65,6 +65,7 @@ class RolloutData:
         self.engine = self.stage = self.ref_logps = None
         self.need_old = self.steps_per_rollout > 1  # one step per rollout: old log-probs = the live ones, detached
         self._last_rollout_end: Optional[float] = None
+        self.vllm = None  # rl.generation_backend=vllm: the VLLMBackend (objectives/rl/vllm_backend.py)
 
     def attach(self, engine, stage: int, policy_logps, ref_logps) -> None:
         """engine: the policy's DeepSpeed engine; policy_logps / ref_logps(batch) -> (B, T) target
@@ -187,6 +188,8 @@ class RolloutData:
 
     def _generate(self, prompt_ids: list, keys: list) -> list:
         r = self.r
+        if self.vllm is not None:  # syncs the weights first when an update came since the last generate
+            return self.vllm.rollout(self.engine, self.stage, prompt_ids, keys, self.stop_ids)
         with generation.generation_mode(self.engine, self.stage, r.zero3_gather) as synced:
             return generation.generate(self.engine.module, prompt_ids, keys=keys, seed=self.t.seed,
                                        temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
