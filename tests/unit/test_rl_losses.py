@@ -118,6 +118,9 @@ def test_batch_shape_rewards_and_prompt_rows(tmp_path):
     total, per_fn = score(fns, [[], []], [" 12 ", "3"], {"answer": ["12", "4"]})
     assert total == [1.5, 0.0] and per_fn["exact_match"] == [1.0, 0.0]
     assert exact_match(None, ["7"], [7]) == [1.0]
+    from llmtrain.objectives.rl.rewards import prefix_match  # common prefix / longer length, by hand:
+    assert prefix_match(None, [" 1234 ", "1245", "12345", "", "9"], ["1234", "1234", "1234", "12", "1"]) == \
+        [1.0, 2 / 4, 4 / 5, 0.0, 0.0]
 
     rows = [{"messages": [{"role": "user", "content": "Reverse 12"}], "answer": "21"},
             {"instruction": "Reverse the digits.", "input": "345", "output": "543", "answer": "543"},

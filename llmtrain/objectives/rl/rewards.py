@@ -23,6 +23,18 @@ def exact_match(prompts, completions, answer, **_) -> list[float]:
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
 
 
+def prefix_match(prompts, completions, answer, **_) -> list[float]:
+    """Partial credit: the length of the completion's (stripped) common prefix with the gold `answer`,
+    over the longer of the two (1.0 exactly when exact_match is; extra characters cost like missing ones).
+    A denser signal than exact_match where the policy rarely samples a whole answer right."""
+    out = []
+    for c, a in zip(completions, answer):
+        c, a = c.strip(), str(a).strip()
+        n = next((i for i, (x, y) in enumerate(zip(c, a)) if x != y), min(len(c), len(a)))
+        out.append(n / max(len(c), len(a), 1))
+    return out
+
+
 @dataclass
 class RewardFn:
     name: str  # the function's own name: its metric is reward_<name>
