@@ -95,13 +95,24 @@ class Run:
     def seq_len(self) -> int:
         return self.cfg.data.max_seq_len
 
-    def load_model(self, ds_config: dict) -> torch.nn.Module:
-        """The starting model once more, exactly as the run loaded it (RunContext.load_model)."""
+    def load_model(self, ds_config: dict, name_or_path: Optional[str] = None, head: Optional[str] = None) -> torch.nn.Module:
+        """The starting model once more, exactly as the run loaded it (RunContext.load_model); or, with
+        name_or_path / head, another model loaded the same way (seed, LoRA, precision, ZeRO-3 init)."""
         c = self.cfg
-        model = load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
-                           head=self.objective.head)
-        self.objective.prepare_model(model)
+        m = c.model if name_or_path is None else dataclasses.replace(c.model, name_or_path=name_or_path, config=None,
+                                                                      revision=None)
+        model = load_model(m, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
+                           head=head or self.objective.head)
+        if name_or_path is None and head is None:
+            self.objective.prepare_model(model)
         return model
+
+    def new_engine(self, model: torch.nn.Module, t, ds_config: dict) -> EngineAdapter:
+        """A second trainable engine (RunContext.new_engine), built like the run's own with TrainConfig t."""
+        adapter = initialize(model, t, ds_config, self.info.world_size, self.info.device, self.cfg.deepspeed.config,
+                             mesh=self.info.mesh)
+        adapter.engine.llmtrain_train = t  # a resume applies these settings to it (runner.resume)
+        return adapter
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -120,7 +131,7 @@ class Run:
         }
 
     def save_checkpoint(self) -> None:
-        path = checkpoint.save(self.engine, self.cfg, self.trainer_state())
+        path = checkpoint.save(self.engine, self.cfg, self.trainer_state(), extra=self.objective.extra_engines())
         self.logger.message(f"step {self.state.step}: checkpoint {path}")
 
 
@@ -253,7 +264,7 @@ def resume(run: Run, resume_path: str) -> None:
     """Model, optimizer, scheduler, RNG, data position and counters from the checkpoint; then the
     recipe's schedule and optimizer settings, which may differ from the checkpoint's."""
     cfg, state = run.cfg, run.state
-    saved = checkpoint.load(run.engine, resume_path, cfg.train.seed)
+    saved = checkpoint.load(run.engine, resume_path, cfg.train.seed, extra=run.objective.extra_engines())
     check_resume_identity(cfg, saved, run.trainer_state())
     run.data.load_state_dict(saved["data"])
     state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
@@ -261,6 +272,8 @@ def resume(run: Run, resume_path: str) -> None:
     state.consecutive_skips = saved.get("consecutive_skips", 0)
     dist.print0(f"resumed from {resume_path} at step {state.step}")
     changes = apply_train_settings(run.engine, cfg.train)
+    for name, engine in run.objective.extra_engines().items():
+        changes += [f"{name} {c}" for c in apply_train_settings(engine, getattr(engine, "llmtrain_train", cfg.train))]
     if changes:
         dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
 
@@ -276,6 +289,9 @@ def run_task(cfg: Config, objective: Objective) -> Run:
         train_loop(run)
         export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step,
                          stale_minutes=cfg.dist.stale_minutes)
+        for name, engine in run.objective.extra_engines().items():  # e.g. PPO's critic: final/critic/
+            export.export_hf(engine, run.tokenizer, os.path.join(final, name), run.stage, cfg.dist.wait_minutes,
+                             step=run.state.step, stale_minutes=cfg.dist.stale_minutes, marker_dir=cfg.output_dir)
         plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png, or a line saying why there is none
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:
