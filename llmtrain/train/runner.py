@@ -6,6 +6,7 @@ that holds the whole recipe; it hands each other component the section it uses.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import os
@@ -109,6 +110,11 @@ class Run:
 
     def new_engine(self, model: torch.nn.Module, t, ds_config: dict) -> EngineAdapter:
         """A second trainable engine (RunContext.new_engine), built like the run's own with TrainConfig t."""
+        ds_config = copy.deepcopy(ds_config)
+        # the optimizer block was written from the run's train.*: DeepSpeed takes the initial LR (and the
+        # LR schedule's base) from it, not from the parameter groups
+        ds_config["optimizer"]["params"].update(lr=t.lr, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps,
+                                                weight_decay=t.weight_decay)
         adapter = initialize(model, t, ds_config, self.info.world_size, self.info.device, self.cfg.deepspeed.config,
                              mesh=self.info.mesh)
         adapter.engine.llmtrain_train = t  # a resume applies these settings to it (runner.resume)
