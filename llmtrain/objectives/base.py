@@ -36,6 +36,7 @@ class RunContext(Protocol):
     data: TrainData  # what build_data returned
     info: Any  # distributed.DistInfo of this rank
     ds_config: dict  # the DeepSpeed config the engine was built with
+    tokenizer: Any  # the run's tokenizer (model.tokenizer or the model's own)
 
     def load_model(self, ds_config: dict, name_or_path: Any = None, head: Any = None) -> torch.nn.Module:
         """The starting model once more (same source, seed, head, LoRA and precision), e.g. a frozen reference;

@@ -210,3 +210,24 @@ def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_
         ids, _ = tokenize_chat(tok, p + [{"role": "assistant", "content": c}])
         want = rm(input_ids=torch.tensor([ids.astype("int64")])).logits[0, 0].item()
         assert abs(g - want) < 1e-5
+
+
+def test_critic_with_another_vocabulary_is_refused(tmp_path):
+    """The critic scores the policy's token ids: a critic directory whose tokenizer has one token more is an
+    error line; the same tokenizer (or a directory without one) passes."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZER
+    from llmtrain.errors import ConfigError
+    from llmtrain.objectives.rl.critic import check_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.save_pretrained(tmp_path / "same")
+    check_tokenizer(str(tmp_path / "same"), tok)
+    check_tokenizer(str(tmp_path), tok)  # no tokenizer.json: nothing to compare
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="rl.critic: .* has another tokenizer than the policy"):
+        check_tokenizer(str(tmp_path / "other"), tok)

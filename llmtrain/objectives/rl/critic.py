@@ -17,14 +17,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import torch
 
 from ... import distributed as dist
 from ...config import RLConfig, TrainConfig
+from ...data.tokenizer_id import vocab_hash
+from ...errors import ConfigError
 from ...losses.rl import value_loss_sum
 from ..dpo import disable_dropout
 from ..reward import position_values
+
+
+def check_tokenizer(path: str, tokenizer) -> None:
+    """The critic reads the policy's token ids (the reward model re-encodes text, the critic cannot): a
+    critic directory whose tokenizer has another vocabulary is one error line, not meaningless values."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return  # a bare model directory: load_model still checks the embedding covers the policy's vocabulary
+    from transformers import AutoTokenizer
+
+    if vocab_hash(AutoTokenizer.from_pretrained(path)) != vocab_hash(tokenizer):
+        raise ConfigError(f"rl.critic: {path} has another tokenizer than the policy; the critic scores the "
+                          "policy's token ids, so it needs the policy's vocabulary (a reward model trained from "
+                          "the policy's family), or set rl.critic to such a model")
 
 
 class Critic:
@@ -34,6 +50,7 @@ class Critic:
     @classmethod
     def build(cls, run, r: RLConfig, t: TrainConfig) -> "Critic":
         path = r.critic or r.reward_model
+        check_tokenizer(path, run.tokenizer)
         ds_config = copy.deepcopy(run.ds_config)  # same ZeRO stage, precision and batch settings as the policy
         model = run.load_model(ds_config, name_or_path=path, head="seq_cls")
         disable_dropout(model)  # the rollout's values and the first update's values of a token must agree
