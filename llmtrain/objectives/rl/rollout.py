@@ -270,8 +270,9 @@ class RolloutData:
         group_std = flat[:, 4].view(-1, G).std(dim=1, unbiased=False)
         out = {"reward": float(flat[:, 4].mean()), "reward_std": float(flat[:, 4].std(unbiased=False)),
                "completion_len": float(flat[:, 0].mean()), "truncated_frac": float(flat[:, 2].mean()),
-               "zero_var_groups": float((group_std == 0).double().mean()), "rollout": self.rollouts_done + 1,
-               "_completion_tokens": float(flat[:, 0].sum())}
+               "rollout": self.rollouts_done + 1, "_completion_tokens": float(flat[:, 0].sum())}
+        if G > 1:  # one sample per prompt (PPO may use it) has no group to compare
+            out["zero_var_groups"] = float((group_std == 0).double().mean())
         for j, n in enumerate(names):
             out[f"reward_{n}"] = float(flat[:, 5 + j].mean())
         if kl_seq is not None:
