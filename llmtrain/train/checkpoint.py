@@ -5,6 +5,8 @@ Layout under output_dir/checkpoints/:
                 trainer_state.json   step, tokens seen, data position, identity of data/tokenizer/batch,
                                      run_id (the run that wrote it) and save_id (this save)
                 rng/rank_<r>.pt      python, numpy, torch CPU (and CUDA) generators of rank r
+                <name>/              DeepSpeed's files of a further trained engine (Objective.extra_engines,
+                                     e.g. PPO's critic/); trainer_state.json lists the names
                 COMPLETE             written last, by rank 0, after every rank finished writing
                                      (JSON: the checkpoint's size in bytes)
   step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a run

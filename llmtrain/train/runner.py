@@ -134,6 +134,7 @@ class Run:
             "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
             "tensor_parallel_size": self.cfg.parallel.tensor_parallel_size,
             "task": self.objective.name,
+            "extra_engines": sorted(self.objective.extra_engines()),  # their checkpoints: <tag>/<name>/
         }
 
     def save_checkpoint(self) -> None:
@@ -203,9 +204,14 @@ def _start(cfg: Config, info) -> Optional[str]:
 def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optional[str]) -> Optional[str]:
     if resume_path is None or zero_stage(ds_config) == 0:
         return resume_path
-    saved_world = checkpoint.saved_state(resume_path).get("world_size", info.world_size)
+    saved = checkpoint.saved_state(resume_path)
+    saved_world = saved.get("world_size", info.world_size)
     if saved_world == info.world_size:
         return resume_path
+    if saved.get("extra_engines"):  # DeepSpeed's converter reads one engine's files per directory
+        raise ConfigError(f"train.resume: {resume_path} was written by {saved_world} rank(s), now {info.world_size}; "
+                          f"its {', '.join(saved['extra_engines'])} cannot be resumed at another world size yet "
+                          f"(no universal checkpoint for it); resume with {saved_world} rank(s)")
     # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
     dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                 "loading it through a universal checkpoint")
