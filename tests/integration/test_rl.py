@@ -147,6 +147,12 @@ def ppo_runs(tiny_model_dir, tmp_path_factory):
     rows_before = steps(two["output_dir"])
     resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 4}}, "two_b.yaml", ranks=2)
     assert "resumed from" in resumed.stdout + resumed.stderr
+    # the same run on 1 rank: the critic has no universal-checkpoint path, so one line before any conversion
+    path = write_recipe(tmp / "two_c.yaml", {**two, "train": {**two["train"], "max_steps": 6, "grad_accum": 4}})
+    resized = run_cmd(python_cmd("launch/rl.py") + ["--recipe", path], timeout=300,
+                      env={"PYTHONPATH": f"{tmp}{os.pathsep}{REPO}"})
+    assert resized.returncode == 2 and "its critic cannot be resumed at another world size" in resized.stderr, \
+        resized.stderr[-2000:]
     return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before}
 
 
