@@ -212,22 +212,25 @@ def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_
         assert abs(g - want) < 1e-5
 
 
-def test_critic_with_another_vocabulary_is_refused(tmp_path):
+def test_critic_with_another_vocabulary_or_an_adapter_is_refused(tmp_path):
     """The critic scores the policy's token ids: a critic directory whose tokenizer has one token more is an
-    error line; the same tokenizer (or a directory without one) passes."""
+    error line; the same tokenizer (or a directory without one) passes; a LoRA adapter directory is refused."""
     import pytest
     from transformers import AutoTokenizer
 
     from conftest import TOKENIZER
     from llmtrain.errors import ConfigError
-    from llmtrain.objectives.rl.critic import check_tokenizer
+    from llmtrain.objectives.rl.critic import check_critic_dir
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     tok.save_pretrained(tmp_path / "same")
-    check_tokenizer(str(tmp_path / "same"), tok)
-    check_tokenizer(str(tmp_path), tok)  # no tokenizer.json: nothing to compare
+    check_critic_dir(str(tmp_path / "same"), tok)
+    check_critic_dir(str(tmp_path), tok)  # no tokenizer.json: nothing to compare
     other = AutoTokenizer.from_pretrained(TOKENIZER)
     other.add_tokens(["<extra_token>"])
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="rl.critic: .* has another tokenizer than the policy"):
-        check_tokenizer(str(tmp_path / "other"), tok)
+        check_critic_dir(str(tmp_path / "other"), tok)
+    (tmp_path / "same" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="rl.critic: .* is a LoRA adapter; .* merged/"):
+        check_critic_dir(str(tmp_path / "same"), tok)

@@ -30,9 +30,13 @@ from ..dpo import disable_dropout
 from ..reward import position_values
 
 
-def check_tokenizer(path: str, tokenizer) -> None:
+def check_critic_dir(path: str, tokenizer) -> None:
     """The critic reads the policy's token ids (the reward model re-encodes text, the critic cannot): a
-    critic directory whose tokenizer has another vocabulary is one error line, not meaningless values."""
+    critic directory whose tokenizer has another vocabulary is one error line, not meaningless values.
+    A LoRA reward model's final/ (an adapter) is refused with the directory to use instead."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ConfigError(f"rl.critic: {path} is a LoRA adapter; the critic starts from a whole model: use its "
+                          "merged/ directory (the reward run with lora.merge=true), or set rl.critic to another model")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return  # a bare model directory: load_model still checks the embedding covers the policy's vocabulary
     from transformers import AutoTokenizer
@@ -50,7 +54,7 @@ class Critic:
     @classmethod
     def build(cls, run, r: RLConfig, t: TrainConfig) -> "Critic":
         path = r.critic or r.reward_model
-        check_tokenizer(path, run.tokenizer)
+        check_critic_dir(path, run.tokenizer)
         ds_config = copy.deepcopy(run.ds_config)  # same ZeRO stage, precision and batch settings as the policy
         model = run.load_model(ds_config, name_or_path=path, head="seq_cls")
         disable_dropout(model)  # the rollout's values and the first update's values of a token must agree
