@@ -174,7 +174,8 @@ class DPOConfig(Section):
 class RLConfig(Section):
     """Online RL (`llmtrain rl`): rollouts from the policy, rewards, advantages, clipped policy loss."""
 
-    advantage: Literal["grpo", "rloo"] = "grpo"  # grpo: (r - group mean) / group std; rloo: leave-one-out baseline
+    # grpo: (r - group mean) / group std; rloo: leave-one-out baseline; gae: PPO with a learned critic (GAE)
+    advantage: Literal["grpo", "rloo", "gae"] = "grpo"
     scale_std: bool = True  # grpo: divide by the group std (false = Dr. GRPO: r - group mean)
     std_eps: float = 1.0e-4  # added to the group std (TRL 1e-4)
     num_generations: int = 8  # samples per prompt (G); all of a prompt's samples are on one rank
@@ -197,6 +198,15 @@ class RLConfig(Section):
     vllm_sleep: bool = True  # vllm: sleep mode, weights + KV cache freed while training (re-pushed each rollout)
     zero3_gather: bool = True  # ZeRO-3: gather all parameters once per rollout (else per-layer hooks + synced_gpus)
     generation_batch_size: int = 64  # sequences per generate call on each rank
+    # gae (PPO): the critic, a sequence-classification directory (e.g. launch/reward.py final/) whose `score`
+    # head gives a value at every position; default: rl.reward_model
+    critic: Optional[str] = None
+    gamma: float = 1.0  # gae: discount per completion token
+    lam: float = 0.95  # gae: GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
+    value_clip: float = 0.2  # gae: clipped value loss range around the rollout's values
+    vf_coef: float = 1.0  # gae: value-loss weight (the critic has its own optimizer: scales its gradient only)
+    critic_lr: Optional[float] = None  # gae: the critic's peak learning rate (default: train.lr; same schedule)
+    whiten_advantages: bool = True  # gae: advantages to mean 0, std 1 over the rollout's tokens (all ranks)
 
 
 @dataclass

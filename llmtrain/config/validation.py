@@ -182,3 +182,17 @@ def _validate_rl(cfg: Config) -> None:
     if r.reward_weights:
         _require(len(r.reward_weights) == len(r.reward_fns), cfg, "rl.reward_weights",
                  f"must have one weight per rl.reward_fns entry ({len(r.reward_fns)})")
+    if r.advantage == "gae":
+        _validate_ppo(cfg)
+
+
+def _validate_ppo(cfg: Config) -> None:
+    r = cfg.rl
+    if r.critic is None and r.reward_model is None:
+        raise ConfigError(f"{cfg.where('rl.critic')}: rl.advantage=gae (PPO) needs a critic: set rl.critic to a "
+                          "sequence-classification directory (e.g. launch/reward.py final/), or rl.reward_model")
+    _require(0 <= r.gamma <= 1, cfg, "rl.gamma", "must be in [0, 1]")
+    _require(0 <= r.lam <= 1, cfg, "rl.lam", "must be in [0, 1]")
+    _require(r.value_clip > 0, cfg, "rl.value_clip", "must be > 0")
+    _require(r.vf_coef > 0, cfg, "rl.vf_coef", "must be > 0")
+    _require(r.critic_lr is None or r.critic_lr > 0, cfg, "rl.critic_lr", "must be > 0 (absent: train.lr)")

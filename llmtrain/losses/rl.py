@@ -125,14 +125,32 @@ def policy_loss_sum(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
 
 
 def value_loss_sum(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> torch.Tensor:
+                   clip: float = 0.2):
     """Clipped value loss (PPO2 / TRL / verl):
 
         L_t = 0.5 max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2)     summed over mask
-    """
+
+    Returns (sum_t mask_t L_t, metrics): clipped_tokens counts the tokens where the clipped term is the
+    larger one (the active term, whose gradient is 0 once V left the clip range; verl's vf_clipfrac)."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    per_token = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum()
+    unclipped, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    per_token = 0.5 * torch.max(unclipped, clipped)
+    m = mask.bool()
+    loss_sum = torch.where(m, per_token, torch.zeros_like(per_token)).sum()
+    return loss_sum, {"clipped_tokens": ((clipped > unclipped) & m).sum().detach()}
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, total: float, total_sq: float, count: float,
+           eps: float = 1e-8) -> torch.Tensor:
+    """Advantage whitening over the global rollout (verl masked_whiten, OpenRLHF advantage normalisation):
+
+        mu = S1 / N,   var = (S2 - N mu^2) / (N - 1),   x' = (x - mu) / sqrt(var + eps)     on the mask, 0 elsewhere
+
+    with S1, S2, N the sum, sum of squares and count of x over the masked tokens of *every* rank (the
+    caller gathers them: the same statistics on 1 rank or N). x, mask (B, C) -> (B, C)."""
+    mean = total / count
+    var = (total_sq - count * mean * mean) / max(count - 1, 1)
+    return (x - mean) * (max(var, 0.0) + eps) ** -0.5 * mask
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ The runner and the one loop (llmtrain/train/) know no task by name; they drive a
     model = models.load_model(..., head=objective.head)
     objective.prepare_model(model)                       # then the DeepSpeed engine
     objective.setup(run)                                 # engine exists; a resume has not loaded weights yet
+    objective.extra_engines()                            # saved in each checkpoint, exported to final/<name>/
     for each micro-batch of each step (train/loop.py):
         loss, sums = objective.loss(engine, batch, plan.global_weight)
     at eval steps:
@@ -35,9 +36,15 @@ class RunContext(Protocol):
     data: TrainData  # what build_data returned
     info: Any  # distributed.DistInfo of this rank
     ds_config: dict  # the DeepSpeed config the engine was built with
+    tokenizer: Any  # the run's tokenizer (model.tokenizer or the model's own)
 
-    def load_model(self, ds_config: dict) -> torch.nn.Module:
-        """The starting model once more (same source, seed, head, LoRA and precision), e.g. a frozen reference."""
+    def load_model(self, ds_config: dict, name_or_path: Any = None, head: Any = None) -> torch.nn.Module:
+        """The starting model once more (same source, seed, head, LoRA and precision), e.g. a frozen reference;
+        with name_or_path / head another model loaded the same way (e.g. PPO's critic)."""
+
+    def new_engine(self, model: torch.nn.Module, t: Any, ds_config: dict) -> Any:
+        """A second trainable engine (train/engine.EngineAdapter: backward, step(boundary), step_skipped)
+        with its own optimizer and the LR schedule of TrainConfig t (e.g. PPO's critic)."""
 
 
 class Objective(ABC):
@@ -69,6 +76,11 @@ class Objective(ABC):
 
     def setup(self, run: RunContext) -> None:
         """After the engine is built and before a resume loads weights (e.g. DPO's reference model)."""
+
+    def extra_engines(self) -> dict[str, Any]:
+        """{name: DeepSpeed engine} of further trained models (e.g. PPO's critic): each checkpoint holds
+        their state in <checkpoint>/<name>/ (resumed with it), and final/<name>/ their export."""
+        return {}
 
     @abstractmethod
     def loss(self, engine, batch: dict, global_weight: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -71,14 +71,20 @@ def _tap(head: torch.nn.Module):
         handle.remove()
 
 
-def sequence_rewards(engine, batch: dict) -> torch.Tensor:
-    """One forward of a collated (packed or padded) batch -> the reward of every sequence, (num_seqs,) fp32,
-    in batch order. `engine` is a DeepSpeed engine or a bare (PEFT) sequence-classification model."""
+def position_values(engine, batch: dict) -> torch.Tensor:
+    """One forward of a collated batch -> the score head's output at every position, (B, T) fp32
+    (differentiable: a PPO critic trains through it). `engine` is a DeepSpeed engine or a bare (PEFT)
+    sequence-classification model."""
     model = getattr(engine, "module", engine)
     with _tap(score_head(model)) as out:
         engine(**model_inputs(engine, batch))
-    values = out["values"][..., 0].float()  # (B, T, 1) -> (B, T): a reward at every position
-    return last_token_values(values, batch["seq_index"], batch["num_seqs"])
+    return out["values"][..., 0].float()  # (B, T, 1) -> (B, T)
+
+
+def sequence_rewards(engine, batch: dict) -> torch.Tensor:
+    """One forward of a collated (packed or padded) batch -> the reward of every sequence, (num_seqs,) fp32,
+    in batch order (the value at each sequence's last token)."""
+    return last_token_values(position_values(engine, batch), batch["seq_index"], batch["num_seqs"])
 
 
 def pair_rewards(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

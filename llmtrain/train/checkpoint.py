@@ -5,6 +5,8 @@ Layout under output_dir/checkpoints/:
                 trainer_state.json   step, tokens seen, data position, identity of data/tokenizer/batch,
                                      run_id (the run that wrote it) and save_id (this save)
                 rng/rank_<r>.pt      python, numpy, torch CPU (and CUDA) generators of rank r
+                <name>/              DeepSpeed's files of a further trained engine (Objective.extra_engines,
+                                     e.g. PPO's critic/); trainer_state.json lists the names
                 COMPLETE             written last, by rank 0, after every rank finished writing
                                      (JSON: the checkpoint's size in bytes)
   step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a run
@@ -246,8 +248,10 @@ def _ranks(first: int, last: int) -> str:
 # --------------------------------------------------------------------------- save / prune
 
 
-def save(engine, cfg: Config, trainer_state: dict) -> str:
+def save(engine, cfg: Config, trainer_state: dict, extra: Optional[dict] = None) -> str:
     """Every rank writes its part; rank 0 marks the checkpoint complete once every rank's write succeeded.
+    extra: {name: engine} of further trained models (Objective.extra_engines), each written as a
+    DeepSpeed checkpoint in <checkpoint>/<name>/ before COMPLETE.
 
     Sync points: one all_gather for the space check, DeepSpeed's own barriers, one all_gather of the
     write outcome, one broadcast of rank 0's commit. A failed write anywhere ends every rank with the
@@ -266,7 +270,13 @@ def save(engine, cfg: Config, trainer_state: dict) -> str:
     writer = ckpt_engine.install(engine)
     # LoRA: the frozen base is not saved (it is model.name_or_path): only adapter + optimizer state
     engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=is_lora(engine))
-    errors = writer.errors
+    errors = list(writer.errors)
+    for name, other in (extra or {}).items():
+        if errors:
+            break
+        other_writer = ckpt_engine.install(other)
+        other.save_checkpoint(path, tag=name, save_latest=False, exclude_frozen_parameters=is_lora(other))
+        errors = list(other_writer.errors)
     if not errors:
         try:
             os.makedirs(os.path.join(path, "rng"), exist_ok=True)
@@ -367,20 +377,33 @@ def saved_state(path: str) -> dict:
 # --------------------------------------------------------------------------- load
 
 
-def load(engine, path: str, seed: int) -> dict:
+def load(engine, path: str, seed: int, extra: Optional[dict] = None) -> dict:
     """Restore model, optimizer, scheduler and RNG (restore_rng's rule); return trainer_state.
-    Every torch.load on the way is weights-only (ckpt_engine.py lists DeepSpeed's loads per path)."""
-    ckpt_engine.install(engine)
+    extra: {name: engine} restored from <path>/<name>/ (see save). Every torch.load on the way is
+    weights-only (ckpt_engine.py lists DeepSpeed's loads per path)."""
     root, tag = os.path.split(os.path.normpath(path))
+    _load_engine(engine, root, tag, path)
+    for name, other in (extra or {}).items():
+        if not os.path.isdir(os.path.join(path, name)):
+            raise ConfigError(f"train.resume: {path} has no {name}/ (a checkpoint of a run without a {name}); "
+                              "start a new output_dir or resume a checkpoint of this task")
+        if other.load_universal_checkpoint():
+            raise ConfigError(f"train.resume: {path} was written at another world size and its {name} cannot be "
+                              "resumed through a universal checkpoint yet; resume at the saved world size")
+        _load_engine(other, path, name, os.path.join(path, name))
+    state = saved_state(path)
+    restore_rng(path, seed, state["step"], state.get("world_size", dist.world_size()))
+    return state
+
+
+def _load_engine(engine, root: str, tag: str, path: str) -> None:
+    ckpt_engine.install(engine)
     with ckpt_engine.weights_only_loads(f"a file under {path}"):
         # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
         load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                               load_module_strict=not is_lora(engine))
     if load_path is None:
         raise ConfigError(f"train.resume: DeepSpeed could not load {path}")
-    state = saved_state(path)
-    restore_rng(path, seed, state["step"], state.get("world_size", dist.world_size()))
-    return state
 
 
 def is_lora(engine) -> bool:

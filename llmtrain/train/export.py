@@ -34,7 +34,8 @@ def exported_step(out_dir: str) -> Optional[int]:
 
 
 def export_hf(engine, tokenizer, out_dir: str, stage: int, wait_minutes: float = DistConfig.wait_minutes,
-              step: Optional[int] = None, stale_minutes: float = DistConfig.stale_minutes) -> None:
+              step: Optional[int] = None, stale_minutes: float = DistConfig.stale_minutes,
+              marker_dir: Optional[str] = None) -> None:
     """Write a Hugging Face model directory (safetensors + tokenizer), replacing out_dir atomically.
 
     Under ZeRO-3 the shards are gathered one parameter group at a time into a 16-bit (or
@@ -43,7 +44,8 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int, wait_minutes: float =
     (waiting.one_rank_does, up to `wait_minutes`, or `stale_minutes` after rank 0's heartbeat stopped):
     a merge of a 70B base takes longer than any collective timeout. LoRA runs write the adapter in PEFT format (only trainable tensors are
     gathered), and with lora.merge also out_dir/merged/: the base with the adapter merged in.
-    A failed write (full disk) removes its temporary directory, keeps the previous out_dir as it was
+    marker_dir: where the waiting ranks' markers go (default: beside out_dir; an export inside final/
+    puts them elsewhere). A failed write (full disk) removes its temporary directory, keeps the previous out_dir as it was
     and ends every rank with one line (StorageError, exit status 5).
     """
     lora = is_lora(engine)
@@ -58,7 +60,7 @@ def export_hf(engine, tokenizer, out_dir: str, stage: int, wait_minutes: float =
     merge = lora and getattr(engine.module, "llmtrain_export", {}).get("merge")
     what = f"write {out_dir}" + (" and merge the LoRA adapter into its base" if merge else "")
     waiting.one_rank_does(lambda: _write_final(engine.module, tokenizer, state_dict, out_dir, lora, step),
-                          name="final", what=what, marker_dir=os.path.dirname(os.path.abspath(out_dir)),
+                          name="final", what=what, marker_dir=marker_dir or os.path.dirname(os.path.abspath(out_dir)),
                           timeout_minutes=wait_minutes, stale_minutes=stale_minutes)
 
 

@@ -6,6 +6,7 @@ that holds the whole recipe; it hands each other component the section it uses.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import os
@@ -95,13 +96,29 @@ class Run:
     def seq_len(self) -> int:
         return self.cfg.data.max_seq_len
 
-    def load_model(self, ds_config: dict) -> torch.nn.Module:
-        """The starting model once more, exactly as the run loaded it (RunContext.load_model)."""
+    def load_model(self, ds_config: dict, name_or_path: Optional[str] = None, head: Optional[str] = None) -> torch.nn.Module:
+        """The starting model once more, exactly as the run loaded it (RunContext.load_model); or, with
+        name_or_path / head, another model loaded the same way (seed, LoRA, precision, ZeRO-3 init)."""
         c = self.cfg
-        model = load_model(c.model, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
-                           head=self.objective.head)
-        self.objective.prepare_model(model)
+        m = c.model if name_or_path is None else dataclasses.replace(c.model, name_or_path=name_or_path, config=None,
+                                                                      revision=None)
+        model = load_model(m, c.lora, c.train.seed, self.tokenizer, ds_config, self.precision, self.info.device,
+                           head=head or self.objective.head)
+        if name_or_path is None and head is None:
+            self.objective.prepare_model(model)
         return model
+
+    def new_engine(self, model: torch.nn.Module, t, ds_config: dict) -> EngineAdapter:
+        """A second trainable engine (RunContext.new_engine), built like the run's own with TrainConfig t."""
+        ds_config = copy.deepcopy(ds_config)
+        # the optimizer block was written from the run's train.*: DeepSpeed takes the initial LR (and the
+        # LR schedule's base) from it, not from the parameter groups
+        ds_config["optimizer"]["params"].update(lr=t.lr, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps,
+                                                weight_decay=t.weight_decay)
+        adapter = initialize(model, t, ds_config, self.info.world_size, self.info.device, self.cfg.deepspeed.config,
+                             mesh=self.info.mesh)
+        adapter.engine.llmtrain_train = t  # a resume applies these settings to it (runner.resume)
+        return adapter
 
     def trainer_state(self) -> dict:
         t = self.cfg.train
@@ -117,10 +134,11 @@ class Run:
             "sequence_parallel_size": self.cfg.parallel.sequence_parallel_size,
             "tensor_parallel_size": self.cfg.parallel.tensor_parallel_size,
             "task": self.objective.name,
+            "extra_engines": sorted(self.objective.extra_engines()),  # their checkpoints: <tag>/<name>/
         }
 
     def save_checkpoint(self) -> None:
-        path = checkpoint.save(self.engine, self.cfg, self.trainer_state())
+        path = checkpoint.save(self.engine, self.cfg, self.trainer_state(), extra=self.objective.extra_engines())
         self.logger.message(f"step {self.state.step}: checkpoint {path}")
 
 
@@ -186,9 +204,14 @@ def _start(cfg: Config, info) -> Optional[str]:
 def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optional[str]) -> Optional[str]:
     if resume_path is None or zero_stage(ds_config) == 0:
         return resume_path
-    saved_world = checkpoint.saved_state(resume_path).get("world_size", info.world_size)
+    saved = checkpoint.saved_state(resume_path)
+    saved_world = saved.get("world_size", info.world_size)
     if saved_world == info.world_size:
         return resume_path
+    if saved.get("extra_engines"):  # DeepSpeed's converter reads one engine's files per directory
+        raise ConfigError(f"train.resume: {resume_path} was written by {saved_world} rank(s), now {info.world_size}; "
+                          f"its {', '.join(saved['extra_engines'])} cannot be resumed at another world size yet "
+                          f"(no universal checkpoint for it); resume with {saved_world} rank(s)")
     # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
     dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                 "loading it through a universal checkpoint")
@@ -253,7 +276,7 @@ def resume(run: Run, resume_path: str) -> None:
     """Model, optimizer, scheduler, RNG, data position and counters from the checkpoint; then the
     recipe's schedule and optimizer settings, which may differ from the checkpoint's."""
     cfg, state = run.cfg, run.state
-    saved = checkpoint.load(run.engine, resume_path, cfg.train.seed)
+    saved = checkpoint.load(run.engine, resume_path, cfg.train.seed, extra=run.objective.extra_engines())
     check_resume_identity(cfg, saved, run.trainer_state())
     run.data.load_state_dict(saved["data"])
     state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
@@ -261,6 +284,8 @@ def resume(run: Run, resume_path: str) -> None:
     state.consecutive_skips = saved.get("consecutive_skips", 0)
     dist.print0(f"resumed from {resume_path} at step {state.step}")
     changes = apply_train_settings(run.engine, cfg.train)
+    for name, engine in run.objective.extra_engines().items():
+        changes += [f"{name} {c}" for c in apply_train_settings(engine, getattr(engine, "llmtrain_train", cfg.train))]
     if changes:
         dist.print0(f"resume: from step {state.step} on, the recipe's settings apply: {', '.join(changes)}")
 
@@ -276,6 +301,9 @@ def run_task(cfg: Config, objective: Objective) -> Run:
         train_loop(run)
         export.export_hf(run.engine, run.tokenizer, final, run.stage, cfg.dist.wait_minutes, step=run.state.step,
                          stale_minutes=cfg.dist.stale_minutes)
+        for name, engine in run.objective.extra_engines().items():  # e.g. PPO's critic: final/critic/
+            export.export_hf(engine, run.tokenizer, os.path.join(final, name), run.stage, cfg.dist.wait_minutes,
+                             step=run.state.step, stale_minutes=cfg.dist.stale_minutes, marker_dir=cfg.output_dir)
         plots.write_curves(cfg.output_dir)  # rank 0: output_dir/curves.png, or a line saying why there is none
         dist.print0(f"done: {os.path.join(cfg.output_dir, 'final')}")
     finally:

@@ -1,7 +1,9 @@
 """Online RL (llmtrain rl): 2 ranks under ZeRO-3 (every parameter partitioned) == 1 rank with
 accumulation, step by step, including the rollouts sampled after updates; an interrupted run
 resumes to the same losses (the keyed sampler needs no RNG state); ratio 1, nothing clipped and
-KL 0 on the first inner step; greedy and sampled generation under ZeRO-3 == the unsharded model."""
+KL 0 on the first inner step; greedy and sampled generation under ZeRO-3 == the unsharded model.
+PPO (rl.advantage=gae): the same two invariants for the policy *and* the critic (its own engine,
+optimizer and checkpoint), with whitening over both ranks' tokens."""
 from __future__ import annotations
 
 import json
@@ -102,6 +104,95 @@ def test_first_inner_step_has_ratio_one_no_clipping_and_zero_kl(runs):
     assert one[-1]["kl"] > 0
     evals = [r for r in read_metrics(runs["one"]) if "eval_reward" in r]
     assert evals and "eval_reward_digits" in evals[-1]
+
+
+def tiny_critic(model_dir: str, out) -> str:
+    """A sequence-classification model on the tiny policy's trunk with a random (seeded) score head,
+    standing in for a launch/reward.py final/."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(11)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    with torch.no_grad():
+        model.score.weight.mul_(3)  # values of order 1, so the value loss and its clipping have work to do
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tiny_model_dir, tmp_path_factory):
+    """1 rank (ZeRO-0, accumulation 4) vs 2 ranks (ZeRO-3, all partitioned) stopped after the first rollout
+    and resumed: rollouts of 2 steps (2 epochs x 1 mini-batch), 4 steps."""
+    tmp = tmp_path_factory.mktemp("ppo")
+    (tmp / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:
+        (tmp / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
+    z3 = tmp / "zero3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    critic = tiny_critic(tiny_model_dir, tmp / "critic")
+    ppo = {"advantage": "gae", "critic": critic, "kl_type": "k1", "kl_coef": 0.05, "gamma": 0.9, "lam": 0.8,
+           "value_clip": 0.05, "critic_lr": 5e-4, "ppo_epochs": 2, "mini_batches": 1}
+
+    def recipe(out, ds_config, **train):
+        r = rl_recipe(tmp, tiny_model_dir, tmp / out, ds_config, **{"micro_batch_size": 2, "max_steps": 4,
+                                                                    "save_every": 2, **train})
+        r["rl"].update(ppo)
+        return r
+
+    one = recipe("one", os.path.join(REPO, "ds_configs/zero0.json"), grad_accum=4)
+    run_rl(tmp, one, "one.yaml")
+    two = recipe("two", str(z3), grad_accum=2, max_steps=2)
+    run_rl(tmp, two, "two_a.yaml", ranks=2)
+    rows_before = steps(two["output_dir"])
+    resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 4}}, "two_b.yaml", ranks=2)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    # the same run on 1 rank: the critic has no universal-checkpoint path, so one line before any conversion
+    path = write_recipe(tmp / "two_c.yaml", {**two, "train": {**two["train"], "max_steps": 6, "grad_accum": 4}})
+    resized = run_cmd(python_cmd("launch/rl.py") + ["--recipe", path], timeout=300,
+                      env={"PYTHONPATH": f"{tmp}{os.pathsep}{REPO}"})
+    assert resized.returncode == 2 and "its critic cannot be resumed at another world size" in resized.stderr, \
+        resized.stderr[-2000:]
+    return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before}
+
+
+def test_ppo_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(ppo_runs):
+    one = steps(ppo_runs["one"])
+    two = ppo_runs["two_first_rows"] + [r for r in steps(ppo_runs["two"]) if r["step"] > 2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    keys = ("loss", "policy_loss", "value_loss", "value", "return", "value_clip_frac", "kl", "clip_frac", "ratio",
+            "entropy")
+    for a, b in zip(one, two):  # steps 3-4 of `two` come from the resumed run: its critic from critic/
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+    rollouts = [(a, b) for a, b in zip(one, two) if "reward" in a]
+    assert [a["step"] for a, _ in rollouts] == [1, 3]
+    for a, b in rollouts:  # whitening, explained variance: moments of both ranks' tokens
+        for key in ("reward", "rollout_value", "rollout_return", "explained_var", "kl_k1_seq"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    first = one[0]  # the first inner step: policy and critic at the rollout's weights
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clip_frac"] == 0.0
+    assert first["value_clip_frac"] == 0.0 and abs(first["kl"]) < 1e-7
+    assert one[1]["value_clip_frac"] > 0  # the second epoch: the critic moved past the clip range somewhere
+    assert one[2]["rollout_value"] != pytest.approx(one[0]["rollout_value"])  # the trained critic valued rollout 2
+    for name in ("model.safetensors", "critic/model.safetensors"):
+        w1 = load_file(os.path.join(ppo_runs["one"], "final", name))
+        w2 = load_file(os.path.join(ppo_runs["two"], "final", name))
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5, name
+    assert os.path.isdir(os.path.join(ppo_runs["two"], "checkpoints", "step_00000002", "critic"))
+
+
+def test_ppo_critic_export_loads_as_a_reward_model(ppo_runs):
+    """final/critic/ is a sequence-classification directory: RewardScorer reads it, and its score of a
+    sequence changed from the starting critic's (it was trained)."""
+    from llmtrain.objectives.reward_scoring import RewardScorer
+
+    ids = [[5, 17, 23, 42, 9]]
+    trained = RewardScorer.load(os.path.join(ppo_runs["one"], "final", "critic")).score_tokens(ids)
+    start = RewardScorer.load(os.path.join(os.path.dirname(ppo_runs["one"]), "critic")).score_tokens(ids)
+    assert trained.shape == (1,) and abs(float(trained[0] - start[0])) > 1e-4
 
 
 def test_zero3_generation_equals_unsharded(tiny_model_dir):

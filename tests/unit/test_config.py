@@ -105,3 +105,14 @@ def test_every_debug_recipe_that_starts_from_a_run_says_which():
         if start and os.path.dirname(start) in outputs:
             producer = os.path.relpath(outputs[os.path.dirname(start)], REPO)
             assert producer in cfg.produced_by.get(start, ""), (path, start, producer)
+
+
+def test_ppo_settings_fail_with_one_line_naming_the_key():
+    grpo = os.path.join(REPO, "recipes/debug/grpo.yaml")
+    with pytest.raises(ConfigError, match=r"rl.critic: rl.advantage=gae \(PPO\) needs a critic"):
+        load_config(grpo, ["rl.advantage=gae"])
+    with pytest.raises(ConfigError, match=r"rl.lam=1.5 must be in \[0, 1\]"):
+        load_config(grpo, ["rl.advantage=gae", "rl.critic=somewhere", "rl.lam=1.5"])
+    with pytest.raises(ConfigError, match=r"rl.critic_lr=0.0 must be > 0"):
+        load_config(grpo, ["rl.advantage=gae", "rl.reward_model=somewhere", "rl.critic_lr=0.0"])
+    assert load_config(grpo, ["rl.advantage=gae", "rl.reward_model=rm"]).rl.critic is None  # the reward model serves

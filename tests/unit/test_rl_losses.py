@@ -6,7 +6,7 @@ import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
                                 masked_entropy_sum, policy_loss_sum, rloo_advantages, token_entropy,
-                                value_loss_sum)
+                                value_loss_sum, whiten)
 
 
 def close(a, b, tol=1e-6):
@@ -66,10 +66,61 @@ def test_gae_token_rewards_value_loss_entropy():
     r = outcome_token_rewards(torch.tensor([2.0]), torch.tensor([[1, 1, 1, 0]]), torch.tensor([[.1, .2, .3, .4]]), 0.5)
     close(r, [[-.05, -.1, 2 - .15, 0]])  # score at the last token, minus .5 x k1 per token
     # V=1, V_old=.5, R=1.2, c=.2 -> clipped V = .7; .5 x max((1 - 1.2)^2, (.7 - 1.2)^2) = .5 x .25 = .125
-    close(value_loss_sum(torch.tensor([[1.0]]), torch.tensor([[.5]]), torch.tensor([[1.2]]), torch.ones(1, 1), .2), .125)
+    close(value_loss_sum(torch.tensor([[1.0]]), torch.tensor([[.5]]), torch.tensor([[1.2]]), torch.ones(1, 1), .2)[0], .125)
     close(token_entropy(torch.zeros(1, 1, 4)), [[math.log(4)]])  # uniform over 4 tokens
     logits, mask = torch.randn(2, 5, 7), torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]])
     close(masked_entropy_sum(logits, mask, chunk_rows=2), (token_entropy(logits) * mask).sum(), 1e-5)
+
+
+def hand_gae(rewards, values, gamma, lam):
+    """GAE of one completion with plain Python floats, straight from the definition (no recursion):
+    A_t = sum_l (gamma lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, V after the end = 0."""
+    n = len(rewards)
+    v = list(values) + [0.0]
+    delta = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(n)]
+    adv = [sum((gamma * lam) ** l * delta[t + l] for l in range(n - t)) for t in range(n)]
+    return adv, [a + v[t] for t, a in enumerate(adv)]
+
+
+def test_gae_matches_a_hand_loop_with_discount_and_lambda_below_one():
+    # two completions of 4 and 2 tokens in a (2, 5) table; masked cells hold junk that must not leak in
+    rewards = torch.tensor([[0.1, -0.2, 0.0, 1.5, 7.0], [0.3, 2.0, 5.0, 5.0, 5.0]])
+    values = torch.tensor([[0.4, 0.2, -0.1, 0.8, 9.0], [1.0, -0.5, 3.0, 3.0, 3.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    for gamma, lam in ((0.9, 0.8), (1.0, 0.95), (0.5, 0.0)):
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        for b, n in enumerate((4, 2)):
+            a_hand, r_hand = hand_gae(rewards[b, :n].tolist(), values[b, :n].tolist(), gamma, lam)
+            close(adv[b, :n], a_hand)
+            close(ret[b, :n], r_hand)
+            close(adv[b, n:], [0.0] * (5 - n))
+            close(ret[b, n:], [0.0] * (5 - n))
+    # one worked value, gamma .9 lam .8, row 1: delta_1 = 2 - (-.5) = 2.5; delta_0 = .3 + .9 x -.5 - 1 = -1.15;
+    # A_0 = -1.15 + .72 x 2.5 = .65
+    close(gae(rewards, values, mask, 0.9, 0.8)[0][1, :2], [0.65, 2.5])
+
+
+def test_ppo_token_rewards_and_value_loss_by_hand():
+    # scores 1 and -2 on the last tokens (index 2 and 0), k1 [[.2,-.1,.4],[.3,.3,.3]], beta .1:
+    # row 0: [-.02, .01, 1 - .04]; row 1: [-2 - .03, 0, 0] (masked positions 0)
+    r = outcome_token_rewards(torch.tensor([1.0, -2.0]), torch.tensor([[1, 1, 1], [1, 0, 0]]),
+                              torch.tensor([[.2, -.1, .4], [.3, .3, .3]]), 0.1)
+    close(r, [[-.02, .01, .96], [-2.03, 0, 0]])
+    close(outcome_token_rewards(torch.tensor([1.0]), torch.tensor([[1, 1, 0]])), [[0, 1, 0]])  # no KL term
+    # value loss, c = .2, per token (V, V_old, R):
+    #   (.5, .45, 1.0): inside the range: .5 x max(.25, .25) = .125, not clipped
+    #   (1.0, .5, 1.2): clipped V = .7: .5 x max(.04, .25) = .125, clipped (the clipped term is larger)
+    #   (1.0, .5, 0.0): clipped V = .7: .5 x max(1, .49) = .5, not clipped (the unclipped term is larger)
+    #   (3.0, 0.0, 0.0): masked out
+    v, v_old, ret = (torch.tensor([x]) for x in ([.5, 1., 1., 3.], [.45, .5, .5, 0.], [1., 1.2, 0., 0.]))
+    loss, m = value_loss_sum(v, v_old, ret, torch.tensor([[1, 1, 1, 0]]), 0.2)
+    close(loss, .125 + .125 + .5)
+    assert int(m["clipped_tokens"]) == 1
+    # whitening: x = [1, 2, 3] on this rank, [5] on another: S1 = 11, S2 = 39, N = 4, mean 2.75,
+    # unbiased var (39 - 4 x 2.75^2) / 3 = 8.75 / 3
+    sd = math.sqrt(8.75 / 3 + 1e-8)
+    close(whiten(torch.tensor([[1., 2., 3., 9.]]), torch.tensor([[1, 1, 1, 0]]), 11., 39., 4.),
+          [[(1 - 2.75) / sd, (2 - 2.75) / sd, (3 - 2.75) / sd, 0.]])
 
 
 def test_keyed_sampler_is_batch_invariant(tiny_model_dir):
@@ -162,3 +213,27 @@ def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_
         ids, _ = tokenize_chat(tok, p + [{"role": "assistant", "content": c}])
         want = rm(input_ids=torch.tensor([ids.astype("int64")])).logits[0, 0].item()
         assert abs(g - want) < 1e-5
+
+
+def test_critic_with_another_vocabulary_or_an_adapter_is_refused(tmp_path):
+    """The critic scores the policy's token ids: a critic directory whose tokenizer has one token more is an
+    error line; the same tokenizer (or a directory without one) passes; a LoRA adapter directory is refused."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZER
+    from llmtrain.errors import ConfigError
+    from llmtrain.objectives.rl.critic import check_critic_dir
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.save_pretrained(tmp_path / "same")
+    check_critic_dir(str(tmp_path / "same"), tok)
+    check_critic_dir(str(tmp_path), tok)  # no tokenizer.json: nothing to compare
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="rl.critic: .* has another tokenizer than the policy"):
+        check_critic_dir(str(tmp_path / "other"), tok)
+    (tmp_path / "same" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="rl.critic: .* is a LoRA adapter; .* merged/"):
+        check_critic_dir(str(tmp_path / "same"), tok)

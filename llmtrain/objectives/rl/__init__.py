@@ -1,18 +1,20 @@
-"""Online RL (`llmtrain rl`): rollouts from the policy being trained, rewards from Python functions,
-group advantages (GRPO, Dr. GRPO, RLOO), the clipped surrogate against the rollout's log-probs,
-optionally a KL to a reference model (k3 loss term or k1 reward penalty).
+"""Online RL (`llmtrain rl`): rollouts from the policy being trained, rewards from Python functions
+and/or a reward model, group advantages (GRPO, Dr. GRPO, RLOO) or PPO with a learned critic (GAE),
+the clipped surrogate against the rollout's log-probs, optionally a KL to a reference model (k3 loss
+term or k1 reward penalty).
 
 Modules: prompts.py (prompt rows), generation.py (hf backend, ZeRO-3), vllm_backend.py (the vllm
 backend: colocated vLLM, weight sync), sampling.py (keyed sampler),
 rewards.py (reward functions, the exact-match verifier), rollout.py (the loop's data: one rollout
-every ppo_epochs x mini_batches optimizer steps); the losses are llmtrain/losses/rl.py.
+every ppo_epochs x mini_batches optimizer steps), critic.py (PPO's value model and its engine); the
+losses are llmtrain/losses/rl.py.
 """
 from __future__ import annotations
 
 import torch
 
 from ... import distributed as dist
-from ...config import Config, RLConfig
+from ...config import Config, RLConfig, TrainConfig
 from ...data.labels import IGNORE_INDEX
 from ...data.protocol import DataContext, EvalSet
 from ...data.shards.recipe import PrepareOptions
@@ -25,22 +27,25 @@ from ..base import Objective, RunContext
 from ..dpo import disable_dropout
 from ..lm_forward import lm_forward_logps, model_inputs
 from . import generation, vllm_backend
+from .critic import Critic
 from .prompts import load_prompts
 from .rewards import RewardFn, RewardModelFn, load_reward_fns, score
 from .rollout import RolloutData
 
 
 class RL(Objective):
-    """GRPO / RLOO on rollouts of the policy (rl.advantage), with rewards from rl.reward_fns."""
+    """GRPO / RLOO / PPO (gae) on rollouts of the policy (rl.advantage), rewards from rl.reward_fns and rl.reward_model."""
 
     name = "rl"
-    summary = "online RL from the policy's own rollouts: GRPO, Dr. GRPO, RLOO (rewards: Python verifiers, a reward model)"
+    summary = ("online RL from the policy's own rollouts: GRPO, Dr. GRPO, RLOO, PPO with a critic "
+               "(rewards: Python verifiers, a reward model)")
     model_parallel = False  # rollouts generate with whole sequences on every rank; SP/TP untested
 
-    def __init__(self, r: RLConfig, chunk_tokens: int = 0):
-        self.r, self.chunk_tokens = r, chunk_tokens
+    def __init__(self, r: RLConfig, chunk_tokens: int = 0, t: TrainConfig | None = None):
+        self.r, self.chunk_tokens, self.t = r, chunk_tokens, t or TrainConfig()
         self.data: RolloutData | None = None
         self.ref_engine = None
+        self.critic: Critic | None = None
         self.use_adapters_off = False
         self.vllm: vllm_backend.VLLMBackend | None = None  # rl.generation_backend=vllm: built in setup
         self.model_cfg, self.seed = None, 0
@@ -53,7 +58,7 @@ class RL(Objective):
         if not r.reward_fns and r.reward_model is None:
             raise ConfigError(f"{r.where('rl.reward_fns')}: rl.reward_fns is empty; name at least one reward function "
                               "(e.g. llmtrain.objectives.rl.rewards:exact_match) or set rl.reward_model")
-        obj = cls(r, chunk_tokens=cfg.train.loss_chunk_tokens)
+        obj = cls(r, chunk_tokens=cfg.train.loss_chunk_tokens, t=cfg.train)
         obj.model_cfg, obj.seed = cfg.model, cfg.train.seed
         return obj
 
@@ -85,13 +90,19 @@ class RL(Objective):
                 ref = self._ref_frozen
             dist.print0(f"rl: reference = {'adapters_disabled' if self.use_adapters_off else 'frozen_copy'}, "
                         f"KL {self.r.kl_type} x {self.r.kl_coef}")
+        if self.r.advantage == "gae":
+            self.critic = Critic.build(run, self.r, self.t)
         stage = int(run.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.data.attach(run.engine, stage, lambda b: self._logps(run.engine, b)[0], ref)
+        self.data.attach(run.engine, stage, lambda b: self._logps(run.engine, b)[0], ref,
+                         self.critic.values if self.critic is not None else None)
         self.stage, self.engine = stage, run.engine
         if self.r.generation_backend == "vllm":
             self.vllm = vllm_backend.VLLMBackend(self.r, self.model_cfg, vllm_backend.vllm_dtype(run.ds_config),
                                                  self.seed, run.info, vllm_backend.max_model_len(self.r, self.data))
             self.data.vllm = self.vllm
+
+    def extra_engines(self) -> dict:
+        return {"critic": self.critic.engine} if self.critic is not None else {}
 
     def _logps(self, engine, batch: dict, with_entropy: bool = False):
         """(target log-probs (B, T), summed entropy over the targets or None, targets). Entropy needs the
@@ -129,6 +140,11 @@ class RL(Objective):
             sums["kl"] = kl_sum.detach()
             if r.kl_type == "k3":  # GRPO: the KL is a loss term; k1 went into the reward at the rollout
                 loss_sum = loss_sum + r.kl_coef * kl_sum
+        if self.critic is not None:  # PPO: the critic's forward, backward and step on the same micro-batch
+            sums.update(self.critic.update(batch, mask, global_weight, boundary=batch.get("last_micro_batch", False)))
+            # the logged loss is policy + vf_coef x value loss (TRL's total); the value part is detached
+            # here: its gradient went to the critic's engine, the policy's backward sees only its own
+            loss_sum = loss_sum + r.vf_coef * sums["value_loss"]
         return loss_sum / max(global_weight, 1), sums
 
     def evaluate(self, engine, eval_set: EvalSet, device: torch.device) -> dict[str, float]:

@@ -9,6 +9,11 @@ rank's local prompts of that block: the same global mini-batch for any world siz
 share of a mini-batch, (P/(M*world)) * G sequences, is cut into train.grad_accum micro-batches of
 train.micro_batch_size sequences.
 
+PPO (rl.advantage=gae): per-token rewards (the sequence reward on the last completion token, minus
+kl_coef x k1 per token with kl_type k1), the critic's values V_t at the positions that predict each
+completion token (the log-probs' alignment), GAE with V = 0 after the last token, returns A + V, and
+optionally A whitened with the moments of every rank's tokens (columns of the all-gather below).
+
 Normalisation: each optimizer step's loss is the token-mean over its global mini-batch's
 completion tokens. The counts come from one all-gather per rollout of a per-sequence table
 (lengths, rewards), from which every rank derives every step's normaliser and the rollout metrics:
@@ -28,7 +33,7 @@ from ...data.batching import StepPlan, collate_sequences
 from ...data.labels import IGNORE_INDEX
 from ...data.protocol import EvalSet
 from ...errors import ConfigError
-from ...losses.rl import grpo_advantages, kl_k1_tokens, rloo_advantages
+from ...losses.rl import gae, grpo_advantages, kl_k1_tokens, outcome_token_rewards, rloo_advantages, whiten
 from . import generation
 from .prompts import PromptSet
 from .rewards import score
@@ -62,15 +67,17 @@ class RolloutData:
         self.steps_per_rollout = r.ppo_epochs * r.mini_batches
         self.rollouts_done, self.step_in_rollout = 0, 0
         self.buffer: Optional[list[dict]] = None  # this rank's sequences of the current rollout
-        self.engine = self.stage = self.ref_logps = None
+        self.engine = self.stage = self.ref_logps = self.critic_values = None
         self.need_old = self.steps_per_rollout > 1  # one step per rollout: old log-probs = the live ones, detached
         self._last_rollout_end: Optional[float] = None
         self.vllm = None  # rl.generation_backend=vllm: the VLLMBackend (objectives/rl/vllm_backend.py)
 
-    def attach(self, engine, stage: int, policy_logps, ref_logps) -> None:
+    def attach(self, engine, stage: int, policy_logps, ref_logps, critic_values=None) -> None:
         """engine: the policy's DeepSpeed engine; policy_logps / ref_logps(batch) -> (B, T) target
-        log-probs of the policy / the reference model (ref None: no reference)."""
+        log-probs of the policy / the reference model (ref None: no reference); critic_values(batch) ->
+        (B, T) values at every position (PPO; None otherwise)."""
         self.engine, self.stage, self.policy_logps, self.ref_logps = engine, stage, policy_logps, ref_logps
+        self.critic_values = critic_values
 
     # --- the prompt stream ---
     def _prompt_at(self, pos: int) -> int:
@@ -101,7 +108,10 @@ class RolloutData:
                         epoch=self.rollouts_done * self.r.prompts_per_step / len(self.prompts), metrics=metrics)
 
     def batches(self, plan: StepPlan) -> list[dict]:
-        return [self.collate([self.buffer[i] for i in mb]) for mb in plan.micro_batches]
+        out = [self.collate([self.buffer[i] for i in mb]) for mb in plan.micro_batches]
+        for i, b in enumerate(out):  # PPO's critic steps its own engine at the policy's accumulation boundary
+            b["last_micro_batch"] = i == len(out) - 1
+        return out
 
     def eval_set(self) -> Optional[EvalSet]:
         if self.eval_prompts is None:
@@ -136,14 +146,21 @@ class RolloutData:
         adv = torch.zeros((B, T), dtype=torch.float32)
         old = torch.zeros((B, T), dtype=torch.float32)
         ref = torch.zeros((B, T), dtype=torch.float32)
+        ppo = self.critic_values is not None
+        returns, values = (torch.zeros((B, T), dtype=torch.float32) for _ in range(2))
         for b, s in enumerate(seqs):
             a, n = len(s["prompt"]) - 1, len(s["completion"])  # target position of the first completion token
-            adv[b, a: a + n] = s["adv"]
+            adv[b, a: a + n] = torch.as_tensor(s["adv"], dtype=torch.float32)  # per sequence, or per token (PPO)
             if s.get("old") is not None:
                 old[b, a: a + n] = torch.tensor(s["old"])
             if s.get("ref") is not None:
                 ref[b, a: a + n] = torch.tensor(s["ref"])
+            if ppo and s.get("ret") is not None:
+                returns[b, a: a + n] = torch.tensor(s["ret"])
+                values[b, a: a + n] = torch.tensor(s["val"])
         batch["adv"] = adv
+        if ppo:
+            batch["returns"], batch["old_values"] = returns, values
         if self.need_old:
             batch["old_logp"] = old
         if self.ref_logps is not None:
@@ -171,14 +188,21 @@ class RolloutData:
                        for pi, (c, tr) in zip(prompt_ids, completions)]
         kl_seq = self._logps_for_buffer()
         rewards = torch.tensor(total, dtype=torch.float64)
-        if kl_seq is not None:  # k1 penalty in the reward (PPO/RLOO style): r - beta * sum_t k1_t
-            rewards = rewards - r.kl_coef * kl_seq
-        groups = rewards.view(-1, r.num_generations)  # (local prompts, G)
-        adv = rloo_advantages(groups) if r.advantage == "rloo" else \
-            grpo_advantages(groups, scale_std=r.scale_std, eps=r.std_eps)
-        for s, a in zip(self.buffer, adv.flatten().tolist()):
-            s["adv"] = a
-        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq)
+        extra = {}
+        if r.advantage == "gae":  # the k1 penalty goes in per token
+            extra = self._gae_advantages(rewards)
+        else:
+            if kl_seq is not None:  # k1 penalty in the reward (RLOO style): r - beta * sum_t k1_t
+                rewards = rewards - r.kl_coef * kl_seq
+            groups = rewards.view(-1, r.num_generations)  # (local prompts, G)
+            adv = rloo_advantages(groups) if r.advantage == "rloo" else \
+                grpo_advantages(groups, scale_std=r.scale_std, eps=r.std_eps)
+            for s, a in zip(self.buffer, adv.flatten().tolist()):
+                s["adv"] = a
+        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq, extra)
+        if extra:
+            metrics.update(self._finish_gae(metrics.pop("_extra")))
+        metrics.pop("_extra", None)
         metrics.update(gen_sec=gen_sec, rollout_sec=time.perf_counter() - t0)
         metrics["gen_tokens_per_sec"] = metrics.pop("_completion_tokens") / max(gen_sec, 1e-9)
         if train_sec is not None:  # the optimizer steps (and any eval/checkpoint) since the last rollout
@@ -200,8 +224,8 @@ class RolloutData:
     def _logps_for_buffer(self) -> Optional[torch.Tensor]:
         """Old (ppo_epochs x mini_batches > 1) and reference log-probs of every buffered sequence, one
         no-grad forward each per rollout; returns the per-sequence k1 sum for the reward penalty, or None."""
-        need_ref = self.ref_logps is not None
-        if not (self.need_old or need_ref):
+        need_ref, need_val = self.ref_logps is not None, self.critic_values is not None
+        if not (self.need_old or need_ref or need_val):
             return None
         want_k1 = need_ref and self.r.kl_type == "k1"
         mbs = self.t.micro_batch_size
@@ -211,26 +235,35 @@ class RolloutData:
             batch = {k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in self.collate(seqs).items()}
             pol = self.policy_logps(batch) if (self.need_old or want_k1) else None
             ref = self.ref_logps(batch) if need_ref else None
+            val = self.critic_values(batch) if need_val else None  # (B, T): V at every position (PPO)
             for b, s in enumerate(seqs):
                 i, n = len(s["prompt"]) - 1, len(s["completion"])
                 if pol is not None and self.need_old:
                     s["old"] = pol[b, i: i + n].float().cpu().tolist()
                 if ref is not None:
                     s["ref"] = ref[b, i: i + n].float().cpu().tolist()
+                if val is not None:
+                    s["val"] = val[b, i: i + n].float().cpu().tolist()
                 if want_k1:
-                    k1.append(float(kl_k1_tokens(pol[b, i: i + n], ref[b, i: i + n]).sum()))
+                    k1_tokens = kl_k1_tokens(pol[b, i: i + n], ref[b, i: i + n]).float()
+                    k1.append(float(k1_tokens.sum()))
+                    if need_val:  # PPO: the penalty goes into the reward per token
+                        s["k1"] = k1_tokens.cpu().tolist()
         return torch.tensor(k1, dtype=torch.float64) if want_k1 else None
 
-    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq) -> dict:
+    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq, extra: dict | None = None) -> dict:
         """One all-gather of (completion length, prompt length, truncated, reward, raw reward, per-function
-        rewards) per sequence; sets the per-step token counts and returns the rollout's global metrics."""
-        names = sorted(per_fn)
+        rewards[, k1 sum][, extra columns]) per sequence; sets the per-step token counts and returns the
+        rollout's global metrics, with the gathered extra columns under "_extra" ({name: (all seqs,)})."""
+        names, extra = sorted(per_fn), extra or {}
         cols = [torch.tensor([len(s["completion"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([len(s["prompt"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([float(s["truncated"]) for s in self.buffer], dtype=torch.float64),
                 rewards, raw_total] + [torch.tensor(per_fn[n], dtype=torch.float64) for n in names]
         if kl_seq is not None:
             cols.append(kl_seq)
+        first_extra = len(cols)
+        cols += [extra[k] for k in sorted(extra)]
         table = torch.stack(cols, 1)  # (local seqs, C)
         table = _all_gather(table, self.info.device)  # (world, local seqs, C)
         self.completion_tokens = table[:, :, 0].long().numpy()
@@ -240,12 +273,56 @@ class RolloutData:
         group_std = flat[:, 4].view(-1, G).std(dim=1, unbiased=False)
         out = {"reward": float(flat[:, 4].mean()), "reward_std": float(flat[:, 4].std(unbiased=False)),
                "completion_len": float(flat[:, 0].mean()), "truncated_frac": float(flat[:, 2].mean()),
-               "zero_var_groups": float((group_std == 0).double().mean()), "rollout": self.rollouts_done + 1,
-               "_completion_tokens": float(flat[:, 0].sum())}
+               "rollout": self.rollouts_done + 1, "_completion_tokens": float(flat[:, 0].sum())}
+        if G > 1:  # one sample per prompt (PPO may use it) has no group to compare
+            out["zero_var_groups"] = float((group_std == 0).double().mean())
         for j, n in enumerate(names):
             out[f"reward_{n}"] = float(flat[:, 5 + j].mean())
         if kl_seq is not None:
-            out["kl_k1_seq"] = float(flat[:, -1].mean())
+            out["kl_k1_seq"] = float(flat[:, first_extra - 1].mean())
+        out["_extra"] = {k: flat[:, first_extra + j] for j, k in enumerate(sorted(extra))}
+        return out
+
+    # --- PPO: GAE on the critic's values ---
+    def _gae_advantages(self, scores: torch.Tensor) -> dict:
+        """Per-token rewards, GAE advantages and returns of every buffered sequence (into the buffer);
+        returns per-sequence moment columns for the all-gather (whitening, explained variance)."""
+        r, seqs = self.r, self.buffer
+        lens = [len(s["completion"]) for s in seqs]
+        N, C = len(seqs), max(lens)
+        mask = torch.zeros((N, C), dtype=torch.bool)
+        values, k1 = torch.zeros((N, C)), torch.zeros((N, C))
+        for j, s in enumerate(seqs):
+            mask[j, : lens[j]] = True
+            values[j, : lens[j]] = torch.tensor(s["val"])
+            if "k1" in s:
+                k1[j, : lens[j]] = torch.tensor(s["k1"])
+        coef = r.kl_coef if (r.kl_type == "k1" and self.ref_logps is not None) else 0.0  # k3: a loss term instead
+        token_rewards = outcome_token_rewards(scores, mask, k1 if coef else None, coef)  # (N, C)
+        adv, ret = gae(token_rewards, values, mask, r.gamma, r.lam)  # (N, C) each, 0 past each sequence's end
+        for j, s in enumerate(seqs):
+            s["adv"], s["ret"] = adv[j, : lens[j]].tolist(), ret[j, : lens[j]].tolist()
+        adv, ret, res = adv.double(), ret.double(), (ret - values * mask).double()  # res: the critic's residual
+        return {"adv_sum": adv.sum(1), "adv_sq": (adv ** 2).sum(1), "ret_sum": ret.sum(1), "ret_sq": (ret ** 2).sum(1),
+                "res_sum": res.sum(1), "res_sq": (res ** 2).sum(1), "val_sum": (values.double() * mask).sum(1)}
+
+    def _finish_gae(self, cols: dict) -> dict:
+        """After the all-gather: whiten this rank's advantages with the global moments; the rollout's
+        critic metrics (explained variance 1 - Var(R - V) / Var(R) of the rollout's values)."""
+        count = float(self.completion_tokens.sum())
+        if self.r.whiten_advantages:
+            s1, s2 = float(cols["adv_sum"].sum()), float(cols["adv_sq"].sum())
+            for s in self.buffer:
+                s["adv"] = whiten(torch.tensor(s["adv"]), 1.0, s1, s2, count).tolist()
+
+        def var(a, b):
+            mean = float(cols[a].sum()) / count
+            return float(cols[b].sum()) / count - mean * mean
+
+        out = {"rollout_value": float(cols["val_sum"].sum()) / count, "rollout_return": float(cols["ret_sum"].sum()) / count}
+        var_ret = var("ret_sum", "ret_sq")
+        if var_ret > 0:  # all returns equal: no variance to explain (left out rather than a NaN in metrics.jsonl)
+            out["explained_var"] = 1.0 - var("res_sum", "res_sq") / var_ret
         return out
 
 
