@@ -18,6 +18,7 @@ import os
 import random
 import re
 from collections.abc import Iterable
+from typing import Optional
 
 EVAL_PAIR_PERCENT = 10  # share of unordered operand pairs reserved for eval, in percent
 DEFAULT_MAX_OPERAND = 99  # operands are drawn from [0, max_operand]; 99 = up to two digits
@@ -351,10 +352,13 @@ def _digit_string(rng: random.Random, split: str, min_len: int = 3, max_len: int
             return x
 
 
-def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+def sft_reverse(n: int, seed: int = 0, split: str = "train", echo_fraction: float = 0.0) -> list[dict]:
     """Reversal chats mixing the three formats: OpenAI messages (some with a system prompt, some
     two-turn), ShareGPT conversations and Alpaca rows. Eval rows (split="eval") are single-turn
-    OpenAI rows with the gold `answer`, on digit strings never seen in train."""
+    OpenAI rows with the gold `answer`, on digit strings never seen in train.
+
+    echo_fraction: the share of train rows answered by a sloppy annotator who copied the digits
+    unreversed (the RL demo's SFT data: the model learns both answers, RL then picks the right one)."""
     rng = random.Random(f"sft_reverse:{seed}:{split}")
     rows = []
     for i in range(n):
@@ -363,6 +367,9 @@ def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
         if split == "eval":
             rows.append({"messages": [{"role": "user", "content": question},
                                       {"role": "assistant", "content": x[::-1]}], "answer": x[::-1]})
+            continue
+        if echo_fraction and rng.random() < echo_fraction:
+            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": x}]})
             continue
         kind = i % 10  # 10% Alpaca, 10% ShareGPT, 10% two-turn, 70% single-turn messages (learns fastest)
         if kind == 0:
@@ -396,11 +403,12 @@ def rl_reverse_prompts(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def wrong_reversal(x: str, rng: random.Random) -> str:
-    """A plausible mistake: the digits unreversed, two digits swapped, or one dropped."""
+def wrong_reversal(x: str, rng: random.Random, kind_weights: Optional[tuple] = None) -> str:
+    """A plausible mistake: the digits unreversed, two digits swapped, or one dropped (drawn with
+    kind_weights, default equally)."""
     right = x[::-1]
     for _ in range(20):
-        kind = rng.randrange(3)
+        kind = rng.choices(range(3), weights=kind_weights)[0] if kind_weights else rng.randrange(3)
         if kind == 0:
             wrong = x
         elif kind == 1:
@@ -414,15 +422,16 @@ def wrong_reversal(x: str, rng: random.Random) -> str:
     return right + "0"
 
 
-def dpo_reverse_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """Preference rows: chosen = the correct reversal, rejected = a plausible wrong one; half as
-    strings, half as message lists (some with a system prompt)."""
+def dpo_reverse_pairs(n: int, seed: int = 0, split: str = "train", kind_weights: Optional[tuple] = None) -> list[dict]:
+    """Preference rows: chosen = the correct reversal, rejected = a plausible wrong one (kinds drawn with
+    kind_weights: unreversed, swapped, dropped); half as strings, half as message lists (some with a
+    system prompt)."""
     rng = random.Random(f"dpo_reverse:{seed}:{split}")
     rows = []
     for i in range(n):
         x = _digit_string(rng, split)
         question = rng.choice(REVERSE_TEMPLATES).format(x=x)
-        chosen, rejected = x[::-1], wrong_reversal(x, rng)
+        chosen, rejected = x[::-1], wrong_reversal(x, rng, kind_weights)
         if i % 2 == 0:
             rows.append({"prompt": question, "chosen": chosen, "rejected": rejected})
         else:
