@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, REPO, python_cmd, read_metrics, run_cmd, write_recipe, free_port
+from conftest import BIN, REPO, free_port, have, python_cmd, read_metrics, run_cmd, write_recipe
 
 REWARDS = '''
 def digits(prompts, completions, answer, **_):
@@ -39,11 +39,21 @@ def rl_recipe(tmp_path, model_dir, out, ds_config, **train):
     }
 
 
-def run_rl(tmp_path, recipe, name, ranks=1, env=None):
+def run_rl(tmp_path, recipe, name, ranks=1, env=None, launcher="torchrun"):
+    """launch/rl.py on 1 rank (python) or `ranks` ranks under torchrun, deepspeed or mpirun (the resumed
+    halves of the multi-rank runs use the other launchers: the same run continues under any of them)."""
     path = write_recipe(tmp_path / name, recipe)
     script = os.path.join(REPO, "launch/rl.py")
-    cmd = ([os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()), script]
-           if ranks > 1 else python_cmd("launch/rl.py"))
+    port = str(free_port())
+    if ranks == 1:
+        cmd = python_cmd("launch/rl.py")
+    elif launcher == "deepspeed":
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, script]
+    elif launcher == "mpirun" and have("mpirun"):
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks), "-x", "OMP_NUM_THREADS=1",
+               "-x", "PATH", "-x", "PYTHONPATH", "-x", f"MASTER_PORT={port}", *python_cmd("launch/rl.py")]
+    else:
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", port, script]
     env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", **(env or {})}
     proc = run_cmd(cmd + ["--recipe", path], timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,7 +78,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     two["rl"]["zero3_gather"] = False  # the hooks path (synced_gpus; eval pads the rank with fewer prompts)
     first = run_rl(tmp, two, "two_a.yaml", ranks=2)
     rows_before = steps(two["output_dir"])
-    resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 8}}, "two_b.yaml", ranks=2)
+    resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 8}}, "two_b.yaml", ranks=2, launcher="deepspeed")
     assert "resumed from" in resumed.stdout + resumed.stderr
     return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before,
             "log": first.stdout + first.stderr}
@@ -147,7 +157,7 @@ def ppo_runs(tiny_model_dir, tmp_path_factory):
     two = recipe("two", str(z3), grad_accum=2, max_steps=2)
     run_rl(tmp, two, "two_a.yaml", ranks=2)
     rows_before = steps(two["output_dir"])
-    resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 4}}, "two_b.yaml", ranks=2)
+    resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 4}}, "two_b.yaml", ranks=2, launcher="mpirun")
     assert "resumed from" in resumed.stdout + resumed.stderr
     # the same run on 1 rank: the critic has no universal-checkpoint path, so one line before any conversion
     path = write_recipe(tmp / "two_c.yaml", {**two, "train": {**two["train"], "max_steps": 6, "grad_accum": 4}})
