@@ -352,13 +352,10 @@ def _digit_string(rng: random.Random, split: str, min_len: int = 3, max_len: int
             return x
 
 
-def sft_reverse(n: int, seed: int = 0, split: str = "train", echo_fraction: float = 0.0) -> list[dict]:
+def sft_reverse(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     """Reversal chats mixing the three formats: OpenAI messages (some with a system prompt, some
     two-turn), ShareGPT conversations and Alpaca rows. Eval rows (split="eval") are single-turn
-    OpenAI rows with the gold `answer`, on digit strings never seen in train.
-
-    echo_fraction: the share of train rows answered by a sloppy annotator who copied the digits
-    unreversed (the RL demo's SFT data: the model learns both answers, RL then picks the right one)."""
+    OpenAI rows with the gold `answer`, on digit strings never seen in train."""
     rng = random.Random(f"sft_reverse:{seed}:{split}")
     rows = []
     for i in range(n):
@@ -367,9 +364,6 @@ def sft_reverse(n: int, seed: int = 0, split: str = "train", echo_fraction: floa
         if split == "eval":
             rows.append({"messages": [{"role": "user", "content": question},
                                       {"role": "assistant", "content": x[::-1]}], "answer": x[::-1]})
-            continue
-        if echo_fraction and rng.random() < echo_fraction:
-            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": x}]})
             continue
         kind = i % 10  # 10% Alpaca, 10% ShareGPT, 10% two-turn, 70% single-turn messages (learns fastest)
         if kind == 0:
