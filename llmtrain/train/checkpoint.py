@@ -5,6 +5,7 @@ Layout under output_dir/checkpoints/:
                 trainer_state.json   step, tokens seen, data position, identity of data/tokenizer/batch,
                                      run_id (the run that wrote it) and save_id (this save)
                 rng/rank_<r>.pt      python, numpy, torch CPU (and CUDA) generators of rank r
+                data/rank_<r>.pt     rank r's data state where the data keeps one (RL: the current rollout)
                 <name>/              DeepSpeed's files of a further trained engine (Objective.extra_engines,
                                      e.g. PPO's critic/); trainer_state.json lists the names
                 COMPLETE             written last, by rank 0, after every rank finished writing
@@ -248,10 +249,12 @@ def _ranks(first: int, last: int) -> str:
 # --------------------------------------------------------------------------- save / prune
 
 
-def save(engine, cfg: Config, trainer_state: dict, extra: Optional[dict] = None) -> str:
+def save(engine, cfg: Config, trainer_state: dict, extra: Optional[dict] = None,
+         rank_data: Optional[dict] = None) -> str:
     """Every rank writes its part; rank 0 marks the checkpoint complete once every rank's write succeeded.
     extra: {name: engine} of further trained models (Objective.extra_engines), each written as a
-    DeepSpeed checkpoint in <checkpoint>/<name>/ before COMPLETE.
+    DeepSpeed checkpoint in <checkpoint>/<name>/ before COMPLETE. rank_data: this rank's data state
+    (TrainData.rank_state), in <checkpoint>/data/rank_<r>.pt.
 
     Sync points: one all_gather for the space check, DeepSpeed's own barriers, one all_gather of the
     write outcome, one broadcast of rank 0's commit. A failed write anywhere ends every rank with the
@@ -281,6 +284,9 @@ def save(engine, cfg: Config, trainer_state: dict, extra: Optional[dict] = None)
         try:
             os.makedirs(os.path.join(path, "rng"), exist_ok=True)
             torch.save(rng_state(), os.path.join(path, "rng", f"rank_{dist.rank()}.pt"))
+            if rank_data is not None:  # e.g. RL's current rollout (rollout.RolloutData.rank_state)
+                os.makedirs(os.path.join(path, "data"), exist_ok=True)
+                torch.save(rank_data, os.path.join(path, "data", f"rank_{dist.rank()}.pt"))
             if dist.is_main():
                 state = {**trainer_state, "run_id": read_run_id(cfg.output_dir), "save_id": uuid.uuid4().hex}
                 write_atomic(os.path.join(path, "trainer_state.json"), json.dumps(state, indent=1))
@@ -394,6 +400,17 @@ def load(engine, path: str, seed: int, extra: Optional[dict] = None) -> dict:
     state = saved_state(path)
     restore_rng(path, seed, state["step"], state.get("world_size", dist.world_size()))
     return state
+
+
+def load_rank_data(path: str) -> Optional[dict]:
+    """This rank's saved data state (save's rank_data), or None (none saved, or a rank beyond the saved world)."""
+    f = os.path.join(path, "data", f"rank_{dist.rank()}.pt")
+    if not os.path.exists(f):
+        return None
+    try:
+        return torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ckpt_engine.refusal(f, e) from None
 
 
 def _load_engine(engine, root: str, tag: str, path: str) -> None:

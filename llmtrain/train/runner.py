@@ -138,7 +138,9 @@ class Run:
         }
 
     def save_checkpoint(self) -> None:
-        path = checkpoint.save(self.engine, self.cfg, self.trainer_state(), extra=self.objective.extra_engines())
+        rank_data = self.data.rank_state() if hasattr(self.data, "rank_state") else None
+        path = checkpoint.save(self.engine, self.cfg, self.trainer_state(), extra=self.objective.extra_engines(),
+                               rank_data=rank_data)
         self.logger.message(f"step {self.state.step}: checkpoint {path}")
 
 
@@ -279,6 +281,8 @@ def resume(run: Run, resume_path: str) -> None:
     saved = checkpoint.load(run.engine, resume_path, cfg.train.seed, extra=run.objective.extra_engines())
     check_resume_identity(cfg, saved, run.trainer_state())
     run.data.load_state_dict(saved["data"])
+    if hasattr(run.data, "load_rank_state"):
+        run.data.load_rank_state(checkpoint.load_rank_data(resume_path))
     state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
     state.skipped_steps = saved.get("skipped_steps", 0)
     state.consecutive_skips = saved.get("consecutive_skips", 0)

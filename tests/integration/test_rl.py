@@ -74,21 +74,26 @@ def runs(tiny_model_dir, tmp_path_factory):
     z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     one = rl_recipe(tmp, tiny_model_dir, tmp / "one", os.path.join(REPO, "ds_configs/zero0.json"), grad_accum=4)
     run_rl(tmp, one, "one.yaml")
-    two = rl_recipe(tmp, tiny_model_dir, tmp / "two", str(z3), grad_accum=2, max_steps=4)
+    # stopped at step 6, inside the second rollout (4 steps each): the resume continues that rollout from the
+    # samples the checkpoint keeps per rank (checkpoints/step_6/data/rank_<r>.pt), it does not regenerate them
+    two = rl_recipe(tmp, tiny_model_dir, tmp / "two", str(z3), grad_accum=2, max_steps=6)
     two["rl"]["zero3_gather"] = False  # the hooks path (synced_gpus; eval pads the rank with fewer prompts)
     first = run_rl(tmp, two, "two_a.yaml", ranks=2)
     rows_before = steps(two["output_dir"])
+    assert all(os.path.isfile(os.path.join(two["output_dir"], "checkpoints", "step_00000006", "data", f"rank_{r}.pt"))
+               for r in (0, 1))
     resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 8}}, "two_b.yaml", ranks=2, launcher="deepspeed")
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    log = resumed.stdout + resumed.stderr
+    assert "resumed from" in log and "regenerated" not in log
     return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before,
             "log": first.stdout + first.stderr}
 
 
 def test_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(runs):
     one = steps(runs["one"])
-    two = runs["two_first_rows"] + [r for r in steps(runs["two"]) if r["step"] > 4]
+    two = runs["two_first_rows"] + [r for r in steps(runs["two"]) if r["step"] > 6]
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))
-    for a, b in zip(one, two):  # steps 5-8 of `two` come from the resumed run
+    for a, b in zip(one, two):  # steps 7-8 of `two` come from the resumed run, inside the second rollout
         for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
     rollouts = [(a, b) for a, b in zip(one, two) if "reward" in a]

@@ -91,8 +91,8 @@ class RolloutData:
         if self.buffer is None or self.step_in_rollout == self.steps_per_rollout:
             if self.buffer is None and self.step_in_rollout not in (0, self.steps_per_rollout):
                 dist.warn(f"resumed inside rollout {self.rollouts_done} (step {self.step_in_rollout} of "
-                          f"{self.steps_per_rollout}): its rest is regenerated from the current weights (not exact; "
-                          f"save_every a multiple of rl.ppo_epochs x rl.mini_batches keeps resumes exact)")
+                          f"{self.steps_per_rollout}) without its saved samples (another world size): its rest is "
+                          "regenerated from the current weights (not exact)")
                 self.rollouts_done -= 1
             else:
                 self.step_in_rollout = 0
@@ -122,6 +122,27 @@ class RolloutData:
     def state_dict(self) -> dict:
         return {"fingerprint": self.prompts.fingerprint, "rollouts_done": self.rollouts_done,
                 "step_in_rollout": self.step_in_rollout, "prompts_per_step": self.r.prompts_per_step}
+
+    def rank_state(self) -> Optional[dict]:
+        """This rank's share of the current rollout, which each checkpoint keeps per rank
+        (checkpoints/step_N/data/rank_<r>.pt): a resume inside a rollout continues it exactly instead of
+        regenerating it from later weights. Lists become tensors (float64 / int64: exact, and far smaller
+        on disk than pickled Python numbers)."""
+        if self.buffer is None or self.step_in_rollout == self.steps_per_rollout:  # the next step generates anew
+            return None
+        seqs = [{k: _as_tensor(v) for k, v in s.items()} for s in self.buffer]
+        return {"rollout": self.rollouts_done, "world_size": self.info.world_size, "seqs": seqs,
+                "completion_tokens": torch.from_numpy(self.completion_tokens),
+                "all_tokens": torch.from_numpy(self.all_tokens)}
+
+    def load_rank_state(self, state: Optional[dict]) -> None:
+        """After load_state_dict: the saved rollout, when it is the one the position is inside and the world
+        size is the same (else next_step regenerates it, with a warning)."""
+        if not state or state["rollout"] != self.rollouts_done or state["world_size"] != self.info.world_size:
+            return
+        self.buffer = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()} for s in state["seqs"]]
+        self.completion_tokens = state["completion_tokens"].numpy()
+        self.all_tokens = state["all_tokens"].numpy()
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("prompts_per_step", self.r.prompts_per_step) != self.r.prompts_per_step:
@@ -324,6 +345,13 @@ class RolloutData:
         if var_ret > 0:  # all returns equal: no variance to explain (left out rather than a NaN in metrics.jsonl)
             out["explained_var"] = 1.0 - var("res_sum", "res_sq") / var_ret
         return out
+
+
+def _as_tensor(v):
+    """A list of ints or floats as an int64 / float64 tensor (exact round trip through .tolist()); else v."""
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return torch.tensor(v, dtype=torch.int64 if all(isinstance(x, int) for x in v) else torch.float64)
+    return v
 
 
 def _all_gather(t: torch.Tensor, device) -> torch.Tensor:
