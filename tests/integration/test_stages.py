@@ -39,7 +39,11 @@ def test_weight_decay_is_the_same_under_zero2_and_zero3(tiny_model_dir, tmp_path
     start = weights(tiny_model_dir)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        # per tensor, relative to its norm: Adam's m/sqrt(v) turns an element's 1e-7 gradient difference
+        # (the stages sum in another order; seen on AVX-512 CPUs) into a ~1e-6 weight difference, while a
+        # stage without decay is ~4e-2 off (4 steps of a 1% shrink)
+        rel = ((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item()
+        assert rel < 1e-4, (k, rel)
     # and decay did act: 4 steps of a 1% shrink (0.99^4 = 0.961) outweigh Adam's lr-sized steps
     q = "model.layers.0.self_attn.q_proj.weight"
     assert a[q].norm() < 0.98 * start[q].norm()
