@@ -11,7 +11,8 @@ Layout under output_dir/checkpoints/:
                 COMPLETE             written last, by rank 0, after every rank finished writing
                                      (JSON: the checkpoint's size in bytes)
   step_00000100_universal/  the same checkpoint in DeepSpeed's universal format, made when a run
-                            resumes it at another world size (universal.py); pruned with it
+                            resumes it at another world size (universal.py; <name>/ engines converted
+                            into <name>/ of it); pruned with it
   latest                    tag of the newest complete checkpoint (replaced atomically)
 A checkpoint without COMPLETE never counts: a run killed mid-save resumes from the one before.
 A save that fails on any rank (a full disk) is agreed by every rank, its partial directory is
@@ -38,7 +39,7 @@ from .. import distributed as dist
 from ..config import Config
 from ..distributed import waiting
 from ..errors import ConfigError, StorageError
-from . import ckpt_engine
+from . import ckpt_engine, optim
 
 COMPLETE = "COMPLETE"
 RUN_ID = "run_id"  # output_dir/run_id: identity of the run that owns output_dir
@@ -393,9 +394,6 @@ def load(engine, path: str, seed: int, extra: Optional[dict] = None) -> dict:
         if not os.path.isdir(os.path.join(path, name)):
             raise ConfigError(f"train.resume: {path} has no {name}/ (a checkpoint of a run without a {name}); "
                               "start a new output_dir or resume a checkpoint of this task")
-        if other.load_universal_checkpoint():
-            raise ConfigError(f"train.resume: {path} was written at another world size and its {name} cannot be "
-                              "resumed through a universal checkpoint yet; resume at the saved world size")
         _load_engine(other, path, name, os.path.join(path, name))
     state = saved_state(path)
     restore_rng(path, seed, state["step"], state.get("world_size", dist.world_size()))
@@ -415,12 +413,16 @@ def load_rank_data(path: str) -> Optional[dict]:
 
 def _load_engine(engine, root: str, tag: str, path: str) -> None:
     ckpt_engine.install(engine)
+    zero3_universal = engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3
+    settings = optim.group_settings(engine) if zero3_universal else None
     with ckpt_engine.weights_only_loads(f"a file under {path}"):
         # LoRA checkpoints lack the frozen base weights (loaded from model.name_or_path): not strict
         load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                               load_module_strict=not is_lora(engine))
     if load_path is None:
         raise ConfigError(f"train.resume: DeepSpeed could not load {path}")
+    if zero3_universal:
+        optim.repair_zero3_universal_load(engine, settings)
 
 
 def is_lora(engine) -> bool:

@@ -210,15 +210,12 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
     saved_world = saved.get("world_size", info.world_size)
     if saved_world == info.world_size:
         return resume_path
-    if saved.get("extra_engines"):  # DeepSpeed's converter reads one engine's files per directory
-        raise ConfigError(f"train.resume: {resume_path} was written by {saved_world} rank(s), now {info.world_size}; "
-                          f"its {', '.join(saved['extra_engines'])} cannot be resumed at another world size yet "
-                          f"(no universal checkpoint for it); resume with {saved_world} rank(s)")
     # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
     dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                 "loading it through a universal checkpoint")
     ds_config.setdefault("checkpoint", {})["load_universal"] = True  # keeps the JSON's writer settings
-    return universal.prepare(cfg, resume_path)  # rank 0 converts; the others poll, no collective
+    # rank 0 converts (the extra engines' directories too, e.g. PPO's critic); the others poll, no collective
+    return universal.prepare(cfg, resume_path, extra=saved.get("extra_engines") or ())
 
 
 def setup(cfg: Config, objective: Objective) -> Run:

@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -84,22 +84,24 @@ def is_current(out: str, source: str) -> bool:
         made_from.get("source") == os.path.realpath(source)
 
 
-def prepare(cfg: Config, source: str) -> str:
+def prepare(cfg: Config, source: str, extra: Sequence[str] = ()) -> str:
     """Every rank calls this: rank 0 converts `source` (unless a current copy exists) while the others
     poll for its marker (waiting.one_rank_does: up to dist.wait_minutes, or dist.stale_minutes after rank 0's
-    heartbeat stopped); returns the universal dir."""
+    heartbeat stopped); returns the universal dir. extra: the names of further engines saved inside the
+    checkpoint (<source>/<name>/, e.g. PPO's critic): each converted too, into <universal dir>/<name>/,
+    where checkpoint.load reads it."""
     saved = checkpoint.saved_state(source)
     check_origin(cfg, source, saved)  # every rank reads the same files: the same verdict, no collective
     root = checkpoint.ckpt_root(cfg)
     out = universal_dir(root, source)
     what = f"convert {source} to a universal checkpoint"
-    waiting.one_rank_does(lambda: _convert_once(source, out), name="universal", what=what,
+    waiting.one_rank_does(lambda: _convert_once(source, out, extra=extra), name="universal", what=what,
                           marker_dir=cfg.output_dir, timeout_minutes=cfg.dist.wait_minutes,
                           stale_minutes=cfg.dist.stale_minutes)
     return out
 
 
-def _convert_once(source: str, out: str, workers: Optional[tuple[int, int]] = None) -> None:
+def _convert_once(source: str, out: str, workers: Optional[tuple[int, int]] = None, extra: Sequence[str] = ()) -> None:
     if is_current(out, source):
         dist.print0(f"resume: reusing the universal copy {out}")
         return
@@ -108,6 +110,8 @@ def _convert_once(source: str, out: str, workers: Optional[tuple[int, int]] = No
     start = time.perf_counter()
     try:
         _run_converter(source, out, workers)
+        for name in extra:  # DeepSpeed's converter reads one engine's files per directory: one run each
+            _run_converter(os.path.join(source, name), os.path.join(out, name), workers)
         for name in ("trainer_state.json", "rng"):  # what llmtrain itself reads from a checkpoint
             src = os.path.join(source, name)
             if os.path.isdir(src):
@@ -125,9 +129,10 @@ def _convert_once(source: str, out: str, workers: Optional[tuple[int, int]] = No
                                           f"{checkpoint.free_text(out)}") from None
         raise
     finally:
-        with_latest = os.path.join(os.path.dirname(out), "latest_universal")
-        if os.path.isfile(with_latest):
-            os.remove(with_latest)  # DeepSpeed's pointer; we always load by explicit tag
+        for folder in (os.path.dirname(out), out):  # DeepSpeed's pointers (beside each output); we load by tag
+            with_latest = os.path.join(folder, "latest_universal")
+            if os.path.isfile(with_latest):
+                os.remove(with_latest)
     dist.print0(f"resume: converted in {seconds:.1f} s ({checkpoint.dir_bytes(out) / 2**20:.1f} MiB written)")
 
 

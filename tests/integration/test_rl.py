@@ -164,18 +164,21 @@ def ppo_runs(tiny_model_dir, tmp_path_factory):
     rows_before = steps(two["output_dir"])
     resumed = run_rl(tmp, {**two, "train": {**two["train"], "max_steps": 4}}, "two_b.yaml", ranks=2, launcher="mpirun")
     assert "resumed from" in resumed.stdout + resumed.stderr
-    # the same run on 1 rank: the critic has no universal-checkpoint path, so one line before any conversion
-    path = write_recipe(tmp / "two_c.yaml", {**two, "train": {**two["train"], "max_steps": 6, "grad_accum": 4}})
-    resized = run_cmd(python_cmd("launch/rl.py") + ["--recipe", path], timeout=300,
-                      env={"PYTHONPATH": f"{tmp}{os.pathsep}{REPO}"})
-    assert resized.returncode == 2 and "its critic cannot be resumed at another world size" in resized.stderr, \
-        resized.stderr[-2000:]
-    return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before}
+    rows_two = steps(two["output_dir"])
+    # the 2-rank run resumed on 1 rank (through DeepSpeed's universal format: the policy's and the critic's
+    # ZeRO-3 shards converted) vs the 1-rank run resumed on 1 rank: steps 5-6, a new rollout
+    longer = {"max_steps": 6, "grad_accum": 4}
+    run_rl(tmp, {**one, "train": {**one["train"], **longer}}, "one_b.yaml")
+    resized = run_rl(tmp, {**two, "train": {**two["train"], **longer}}, "two_c.yaml")
+    log = resized.stdout + resized.stderr
+    assert "loading it through a universal checkpoint" in log and "resumed from" in log, log[-2000:]
+    assert os.path.isdir(os.path.join(two["output_dir"], "checkpoints", "step_00000004_universal", "critic", "zero"))
+    return {"one": one["output_dir"], "two": two["output_dir"], "two_first_rows": rows_before, "two_rows": rows_two}
 
 
 def test_ppo_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(ppo_runs):
-    one = steps(ppo_runs["one"])
-    two = ppo_runs["two_first_rows"] + [r for r in steps(ppo_runs["two"]) if r["step"] > 2]
+    one = [r for r in steps(ppo_runs["one"]) if r["step"] <= 4]
+    two = ppo_runs["two_first_rows"] + [r for r in ppo_runs["two_rows"] if r["step"] > 2]
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     keys = ("loss", "policy_loss", "value_loss", "value", "return", "value_clip_frac", "kl", "clip_frac", "ratio",
             "entropy")
@@ -192,11 +195,25 @@ def test_ppo_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(ppo_run
     assert first["value_clip_frac"] == 0.0 and abs(first["kl"]) < 1e-7
     assert one[1]["value_clip_frac"] > 0  # the second epoch: the critic moved past the clip range somewhere
     assert one[2]["rollout_value"] != pytest.approx(one[0]["rollout_value"])  # the trained critic valued rollout 2
+    assert os.path.isdir(os.path.join(ppo_runs["two"], "checkpoints", "step_00000004", "critic"))
+
+
+def test_ppo_resumed_at_another_world_size_continues_policy_and_critic(ppo_runs):
+    """Steps 5-6 on 1 rank, resumed from the 2-rank ZeRO-3 checkpoint (universal conversion of both engines)
+    == resumed from the 1-rank checkpoint: the critic's weights *and* Adam moments came through (step 6's
+    value loss depends on them), and final/ (policy and critic) agree."""
+    one, two = ([r for r in steps(ppo_runs[k]) if r["step"] > 4] for k in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [5, 6]
+    assert "reward" in one[0] and "explained_var" in two[0]
+    for a, b in zip(one, two):
+        for key in ("loss", "policy_loss", "value_loss", "value", "return", "value_clip_frac", "kl", "ratio"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
+    for key in ("reward", "rollout_value", "rollout_return", "explained_var"):
+        assert one[0][key] == pytest.approx(two[0][key], rel=1e-4, abs=1e-6), key
     for name in ("model.safetensors", "critic/model.safetensors"):
         w1 = load_file(os.path.join(ppo_runs["one"], "final", name))
         w2 = load_file(os.path.join(ppo_runs["two"], "final", name))
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5, name
-    assert os.path.isdir(os.path.join(ppo_runs["two"], "checkpoints", "step_00000002", "critic"))
 
 
 def test_ppo_critic_export_loads_as_a_reward_model(ppo_runs):

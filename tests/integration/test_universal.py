@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import BIN, REPO, base_recipe, free_port, python_cmd, read_metrics, run_cmd, write_recipe
 from llmtrain.train import checkpoint, universal
@@ -57,25 +58,31 @@ class Evil:
         return (open, (self.sentinel, "w"))
 
 
-def uninterrupted_then_cut(tmp_path, tiny_model_dir, stage: int, ranks: int, grad_accum: int):
-    """Run 4 steps (checkpoints at 2 and 4) and return (recipe path, output_dir, losses); then drop
-    step 4 and final/ as if the job had died after its step-2 checkpoint."""
-    recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=4, grad_accum=grad_accum, save_every=2, keep_last=5)
+def final_weights(output_dir: str) -> dict:
+    return load_file(os.path.join(output_dir, "final", "model.safetensors"))
+
+
+def uninterrupted_then_cut(tmp_path, tiny_model_dir, stage: int, ranks: int, grad_accum: int, **train):
+    """Run 4 steps (checkpoints at 2 and 4) and return (recipe path, output_dir, losses, final weights);
+    then drop step 4 and final/ as if the job had died after its step-2 checkpoint."""
+    recipe = base_recipe(tmp_path, tiny_model_dir, max_steps=4, grad_accum=grad_accum, save_every=2, keep_last=5,
+                         **train)
     recipe["deepspeed"]["config"] = os.path.join(REPO, f"ds_configs/zero{stage}.json")
     path = write_recipe(tmp_path / "r.yaml", recipe)
     proc = launch(ranks, path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = recipe["output_dir"]
+    weights = final_weights(out)
     shutil.rmtree(os.path.join(out, "checkpoints", "step_00000004"))
     shutil.rmtree(os.path.join(out, "final"))
-    return path, out, losses(out)
+    return path, out, losses(out), weights
 
 
 @pytest.mark.multiproc
 def test_two_ranks_zero2_resume_on_one_rank_reproduces_uninterrupted_losses(tiny_model_dir, tmp_path):
     """2 ranks x accumulation 1 -> 1 rank x accumulation 2 (same global batch); then a tampered universal
     copy is refused instead of unpickled."""
-    path, out, reference = uninterrupted_then_cut(tmp_path, tiny_model_dir, stage=2, ranks=2, grad_accum=1)
+    path, out, reference, _ = uninterrupted_then_cut(tmp_path, tiny_model_dir, stage=2, ranks=2, grad_accum=1)
     ck = os.path.join(out, "checkpoints")
     rank0_rng = mark_rng(os.path.join(ck, "step_00000002"), 0)
     proc = launch(1, path, "train.grad_accum=2")
@@ -101,8 +108,12 @@ def test_two_ranks_zero2_resume_on_one_rank_reproduces_uninterrupted_losses(tiny
 @pytest.mark.multiproc
 def test_one_rank_zero3_resume_on_two_ranks_reproduces_uninterrupted_losses(tiny_model_dir, tmp_path):
     """1 rank x accumulation 2 -> 2 ranks x accumulation 1 under ZeRO-3 (parameters partitioned); the
-    universal copy is pruned with its checkpoint; rank 1 (new) starts from its derived seed."""
-    path, out, reference = uninterrupted_then_cut(tmp_path, tiny_model_dir, stage=3, ranks=1, grad_accum=2)
+    universal copy is pruned with its checkpoint; rank 1 (new) starts from its derived seed. The final
+    weights equal the uninterrupted run's, with weight decay on: DeepSpeed's ZeRO-3 universal load shares
+    one Adam step counter between the param groups and gives the no-decay group the decay group's
+    settings (optim.repair_zero3_universal_load undoes both; without it the weights are ~1e-3 off)."""
+    path, out, reference, weights = uninterrupted_then_cut(tmp_path, tiny_model_dir, stage=3, ranks=1, grad_accum=2,
+                                                           weight_decay=1.0)
     ck = os.path.join(out, "checkpoints")
     rank0_rng = mark_rng(os.path.join(ck, "step_00000002"), 0)
     proc = launch(2, path, "train.grad_accum=1", "train.keep_last=1")
@@ -110,6 +121,9 @@ def test_one_rank_zero3_resume_on_two_ranks_reproduces_uninterrupted_losses(tiny
     assert "converting" in proc.stdout and "ZeRO-3" in proc.stdout
     resumed = losses(out)
     assert [resumed[s] for s in (3, 4)] == pytest.approx([reference[s] for s in (3, 4)], rel=LOSS_RTOL)
+    after = final_weights(out)
+    for k in weights:  # norms (no decay) and matrices (decay) alike
+        assert ((after[k] - weights[k]).norm() / weights[k].norm()).item() < 1e-5, k
     # keep_last=1: step 2 went at the step-4 save, and its full fp32 universal copy with it
     assert sorted(n for n in os.listdir(ck) if n.startswith("step_")) == ["step_00000004"]
     new4 = os.path.join(ck, "step_00000004")
