@@ -126,6 +126,75 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, r
     assert_same_losses(out_dir, reference)
 
 
+RL = os.path.join(REPO, "launch", "rl.py")
+RL_REWARDS = """
+def digits(prompts, completions, **_):
+    return [sum(ch.isdigit() for ch in c) / 3.0 for c in completions]
+
+def length(prompts, completions, **_):
+    return [float(len(c) % 4) for c in completions]
+"""
+
+
+def rl_recipe(tmp_path, tiny_model_dir, out: str, grad_accum: int, **train) -> str:
+    """GRPO on the tiny model: 4 prompts x 2 samples per rollout, 2 epochs x 2 mini-batches = 4 steps per
+    rollout, 12 steps, ZeRO-3, a checkpoint every 5 steps (inside rollouts)."""
+    (tmp_path / "rl_rewards.py").write_text(RL_REWARDS)
+    recipe = {
+        "output_dir": str(tmp_path / out),
+        "model": {"name_or_path": tiny_model_dir},
+        "data": {"train": [os.path.join(REPO, "data/demo/rl_train.jsonl")]},
+        "train": {"max_steps": 12, "seed": 5, "micro_batch_size": 1, "grad_accum": grad_accum, "lr": 2e-3,
+                  "warmup_steps": 0, "schedule": "constant", "log_every": 1, "save_every": 5, **train},
+        "rl": {"num_generations": 2, "prompts_per_step": 4, "max_new_tokens": 6, "ppo_epochs": 2, "mini_batches": 2,
+               "kl_coef": 0.1, "reward_fns": ["rl_rewards:digits", "rl_rewards:length"], "reward_weights": [1.0, 0.5]},
+        "deepspeed": {"config": os.path.join(REPO, "ds_configs/zero3.json")},
+        "dist": {"timeout_minutes": 1.0},
+        "logging": {"progress": False},
+    }
+    return write_recipe(tmp_path / f"{out}.yaml", recipe)
+
+
+def rl_rows(output_dir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl")) if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}  # a resumed run may log a step twice: the last row wins
+
+
+def test_slurm_rl_job_preempted_mid_run_requeues_and_resumes_to_the_one_rank_losses(slurm, tiny_model_dir, tmp_path):
+    """An online-RL (GRPO) job under Slurm on 2 ranks, ZeRO-3: SIGUSR1 while it trains, a checkpoint, the
+    requeue resumes it (inside a rollout where the stop fell there: the rollout's samples come from the
+    checkpoint); every step's losses and rewards == the 1-rank run with accumulation."""
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    ref = run_cmd(python_cmd("launch/rl.py", "--recipe", rl_recipe(tmp_path, tiny_model_dir, "one", grad_accum=4)),
+                  timeout=TIMEOUT_S, env=env)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    recipe = rl_recipe(tmp_path, tiny_model_dir, "two", grad_accum=2, requeue_on_signal=True, resume="auto")
+    job, log_path = sbatch_submit(TRAIN_SBATCH, [RL, "--recipe", recipe], env=env,
+                                  sbatch_args=[*CPU_SBATCH, "--requeue"], workdir=tmp_path)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):  # the first step is done
+            assert time.monotonic() < deadline, f"no step after {TIMEOUT_S} s:\n{read_log(log_path)[-5000:]}"
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env=slurm_env())
+        rc = wait_job(job, TIMEOUT_S, log_path)
+    finally:
+        subprocess.run(["scancel", job], timeout=30, env=slurm_env())
+    log = read_log(log_path)
+    assert rc == 0, log[-6000:]
+    assert "2 rank(s) via slurm" in log and f"requeued Slurm job {job}" in log and "(restart 1)" in log, log[-6000:]
+    stopped_at = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 0 < stopped_at < 12 and "regenerated" not in log, log[-6000:]
+    one, two = rl_rows(tmp_path / "one"), rl_rows(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    for step in one:
+        for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio", "reward", "reward_std"):
+            if key in one[step]:
+                assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert one[1]["reward_std"] > 0 and len({one[s]["reward"] for s in (1, 5, 9)}) == 3  # a real signal
+
+
 # --- MPI ------------------------------------------------------------------------------------------
 
 def test_mpirun_preflight_reports_both_ranks(tiny_model_dir, tmp_path):
