@@ -195,6 +195,39 @@ def test_slurm_rl_job_preempted_mid_run_requeues_and_resumes_to_the_one_rank_los
     assert one[1]["reward_std"] > 0 and len({one[s]["reward"] for s in (1, 5, 9)}) == 3  # a real signal
 
 
+def test_slurm_reward_model_job_matches_one_rank(slurm, tiny_model_dir, tmp_path):
+    """Reward-model training (launch/reward.py) as a 2-rank Slurm batch job == 1 rank with accumulation:
+    train and held-out (5 pairs: uneven over 2 ranks) figures."""
+    with open(os.path.join(REPO, "data/demo/dpo_eval.jsonl")) as f:
+        (tmp_path / "eval5.jsonl").write_text("".join(f.readlines()[:5]))
+
+    def recipe(out: str, grad_accum: int) -> str:
+        r = {"output_dir": str(tmp_path / out), "model": {"name_or_path": tiny_model_dir},
+             "data": {"train": [os.path.join(REPO, "data/demo/dpo_train.jsonl")], "eval": [str(tmp_path / "eval5.jsonl")],
+                      "max_seq_len": 96, "max_prompt_len": 64, "packing": True},
+             "train": {"max_steps": 6, "seed": 2, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 2e-3,
+                       "warmup_steps": 1, "log_every": 1, "eval_every": 3}, "reward": {"center_coef": 0.01},
+             "deepspeed": {"config": os.path.join(REPO, "ds_configs/zero2.json")},
+             "dist": {"timeout_minutes": 1.0}, "logging": {"progress": False}}
+        return write_recipe(tmp_path / f"{out}.yaml", r)
+
+    ref = run_cmd(python_cmd("launch/reward.py", "--recipe", recipe("one", 4)), timeout=TIMEOUT_S)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    job, log_path = sbatch_submit(TRAIN_SBATCH, [os.path.join(REPO, "launch", "reward.py"), "--recipe", recipe("two", 2)],
+                                  sbatch_args=CPU_SBATCH, workdir=tmp_path)
+    rc = wait_job(job, TIMEOUT_S, log_path)
+    log = read_log(log_path)
+    assert rc == 0 and "2 rank(s) via slurm" in log and "done: " in log, log[-5000:]
+    one, two = (rl_rows(tmp_path / k) for k in ("one", "two"))
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        for key in ("loss", "reward_accuracy", "reward_margin", "chosen_reward"):  # rewards ~1e-2: abs 1e-5
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-5), (step, key)
+    evals = [[json.loads(ln) for ln in open(tmp_path / k / "metrics.jsonl") if "eval_loss" in ln] for k in ("one", "two")]
+    assert len(evals[0]) == 2 and [e["eval_loss"] for e in evals[1]] == pytest.approx([e["eval_loss"] for e in evals[0]],
+                                                                                       rel=1e-4)
+
+
 # --- MPI ------------------------------------------------------------------------------------------
 
 def test_mpirun_preflight_reports_both_ranks(tiny_model_dir, tmp_path):

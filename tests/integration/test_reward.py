@@ -51,8 +51,8 @@ def reward_recipe(out_dir, model_dir, files, **train) -> dict:
 
 def run_reward(tmp_path, recipe, name, ranks=1):
     path = write_recipe(tmp_path / f"{name}.yaml", recipe)
-    if ranks > 1:
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
+    if ranks > 1:  # the deepspeed launcher (torchrun, mpirun: the RL and SFT tests; Slurm: tests/cluster)
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                os.path.join(REPO, "launch/reward.py"), "--recipe", path]
     else:
         cmd = python_cmd("launch/reward.py", "--recipe", path)
