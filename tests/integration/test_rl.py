@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -225,6 +226,35 @@ def test_ppo_critic_export_loads_as_a_reward_model(ppo_runs):
     trained = RewardScorer.load(os.path.join(ppo_runs["one"], "final", "critic")).score_tokens(ids)
     start = RewardScorer.load(os.path.join(os.path.dirname(ppo_runs["one"]), "critic")).score_tokens(ids)
     assert trained.shape == (1,) and abs(float(trained[0] - start[0])) > 1e-4
+
+
+FLAKY = '''
+def flaky(prompts, completions, **_):
+    """A verifier that cannot parse completions of even length (raises) and skips those of length 1."""
+    for c in completions:
+        if len(c) % 2 == 0:
+            raise ValueError(f"cannot parse {c!r}")
+    return [None if len(c) == 1 else 1.0 for c in completions]
+'''
+
+
+def test_a_reward_function_raising_on_some_completions_is_counted_and_the_run_goes_on(tiny_model_dir, tmp_path):
+    (tmp_path / "flaky_rewards.py").write_text(FLAKY)
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:
+        (tmp_path / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
+    recipe = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "run", os.path.join(REPO, "ds_configs/zero0.json"),
+                       grad_accum=4, max_steps=4, save_every=100)
+    recipe["rl"].update(reward_fns=["flaky_rewards:flaky", "toy_rewards:digits"], reward_weights=[1.0, 1.0])
+    proc = run_rl(tmp_path, recipe, "flaky.yaml")
+    rollouts = [r for r in steps(recipe["output_dir"]) if "reward" in r]
+    assert len(rollouts) == 1 and 0 < rollouts[0]["reward_flaky_missing"] < 1, rollouts
+    assert rollouts[0]["reward_digits_missing"] == 0.0
+    lines = [ln for ln in proc.stderr.splitlines() if "rl: no reward for a completion of" in ln]
+    # each names the prompt's row (train rollouts and the greedy eval alike) and the reason
+    assert lines and all(re.search(r"(rl_train|eval7)\.jsonl:\d+: flaky: (raised ValueError|returned None)", ln)
+                         for ln in lines), proc.stderr[-2000:]
+    assert len(lines) <= 5 and "Traceback" not in proc.stderr
 
 
 def test_zero3_generation_equals_unsharded(tiny_model_dir):

@@ -2,6 +2,7 @@
 derived in a comment), and the keyed rollout sampler's batch invariance."""
 import math
 
+import pytest
 import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
@@ -166,8 +167,8 @@ def test_batch_shape_rewards_and_prompt_rows(tmp_path):
     with pytest.raises(ConfigError, match="cannot be imported"):
         load_reward_fns(["llmtrain.objectives.rl.rewards:nope"], [], lambda k: k)
     fns = load_reward_fns(["llmtrain.objectives.rl.rewards:exact_match"] * 2, [1.0, 0.5], lambda k: k)
-    total, per_fn = score(fns, [[], []], [" 12 ", "3"], {"answer": ["12", "4"]})
-    assert total == [1.5, 0.0] and per_fn["exact_match"] == [1.0, 0.0]
+    total, per_fn, missing = score(fns, [[], []], [" 12 ", "3"], {"answer": ["12", "4"]})
+    assert total == [1.5, 0.0] and per_fn["exact_match"] == [1.0, 0.0] and missing["exact_match"] == [False, False]
     assert exact_match(None, ["7"], [7]) == [1.0]
     from llmtrain.objectives.rl.rewards import prefix_match  # common prefix / longer length, by hand:
     assert prefix_match(None, [" 1234 ", "1245", "12345", "", "9"], ["1234", "1234", "1234", "12", "1"]) == \
@@ -237,3 +238,38 @@ def test_critic_with_another_vocabulary_or_an_adapter_is_refused(tmp_path):
     (tmp_path / "same" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="rl.critic: .* is a LoRA adapter; .* merged/"):
         check_critic_dir(str(tmp_path / "same"), tok)
+
+
+def flaky_verifier(prompts, completions, answer, **_):
+    """A user's verifier: raises on a completion it cannot parse, None where it does not apply, NaN once."""
+    out = []
+    for c, a in zip(completions, answer):
+        if "x" in c:
+            raise ValueError(f"cannot parse {c!r}")
+        out.append(None if c == "n" else float("nan") if c == "nan" else float(c == a))
+    return out
+
+
+def test_a_reward_function_failing_on_some_completions_costs_their_value_not_the_run():
+    """Hand table: the batch call raises (on 'x'), so each completion is scored alone; 'x' (raised), 'n'
+    (None) and 'nan' get no value from flaky: 0 in the total, flagged, reported with the prompt's origin;
+    the other function still counts for them."""
+    from llmtrain.errors import ConfigError
+    from llmtrain.objectives.rl.rewards import RewardFn, exact_match, score
+
+    fns = [RewardFn("flaky", flaky_verifier, 2.0), RewardFn("exact_match", exact_match, 0.5)]
+    completions = ["12", "x", "n", "nan", "3"]
+    answers = ["12", "x", "n", "nan", "4"]
+    origins = [f"p.jsonl:{i + 1}" for i in range(5)]
+    lines = []
+    total, per_fn, missing = score(fns, [[]] * 5, completions, {"answer": answers}, origins, lines.append)
+    assert per_fn["flaky"] == [1.0, 0.0, 0.0, 0.0, 0.0] and missing["flaky"] == [False, True, True, True, False]
+    assert per_fn["exact_match"] == [1.0, 1.0, 1.0, 1.0, 0.0] and not any(missing["exact_match"])
+    assert total == [2.5, 0.5, 0.5, 0.5, 0.0]
+    assert len(lines) == 3 and lines[0].startswith("p.jsonl:2: flaky: raised ValueError: cannot parse 'x'")
+    assert lines[1].startswith("p.jsonl:3: flaky: returned None") and lines[2].startswith("p.jsonl:4: flaky: returned nan")
+    # broken for every completion (a wrong column name): one error line naming it and the first reason
+    with pytest.raises(ConfigError, match=r"flaky gave no value for any of 2 completions \(first: raised ValueError"):
+        score(fns[:1], [[]] * 2, ["x1", "x2"], {"answer": ["1", "2"]})
+    with pytest.raises(ConfigError, match="returned 1 values for 2 completions"):
+        score([RewardFn("short", lambda prompts, completions, **_: [1.0], 1.0)], [[]] * 2, ["a", "b"], {})

@@ -160,7 +160,8 @@ class RL(Objective):
             outs = self._greedy_hf(engine, prompts, device)
         texts = data.tok.batch_decode([c for c, _ in outs], skip_special_tokens=True)
         columns = {k: [v[i] for i in mine] for k, v in ps.columns.items()}
-        total, per_fn = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns) if mine else ([], {})
+        total, per_fn, _ = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns,
+                                 [ps.origins[i] for i in mine], data.report_reward_failure) if mine else ([], {}, {})
         names = [f.name for f in data.reward_fns]
         local = torch.tensor([sum(total)] + [sum(per_fn.get(n, [])) for n in names], dtype=torch.float64, device=device)
         totals = dist.all_reduce_sum(local).tolist()

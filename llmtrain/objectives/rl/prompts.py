@@ -2,7 +2,7 @@
 `prompt` field (text or messages), with every other column kept for the reward functions."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import DataConfig, sources
 from ...data.chat import normalize_message, to_messages
@@ -18,6 +18,7 @@ class PromptSet:
     token_ids: list  # per prompt: the rendered generation prompt's token ids
     columns: dict  # column name -> per-prompt values (e.g. answer)
     fingerprint: str  # identity of the source files (resume checks)
+    origins: list = field(default_factory=list)  # per prompt: its row's "file:line" (reward failure reports)
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -45,7 +46,7 @@ def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
     or without a prompt are counted and skipped (one error line above data.max_bad_fraction)."""
     srcs = sources(d, key)
     report = BadRowReport()
-    messages, ids, rows = [], [], []
+    messages, ids, rows, origins = [], [], [], []
     for row, _ in SplitReader(srcs, key).rows():
         report.total += 1
         if isinstance(row, BadRow):
@@ -64,6 +65,7 @@ def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
         messages.append(msgs)
         ids.append(tok)
         rows.append(row.record)
+        origins.append(row.origin)
     try:
         report.check(d.max_bad_fraction, key)
     except Exception as e:  # data.sources' own DataError is not yet an LlmtrainError: one error line either way
@@ -73,5 +75,5 @@ def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
     names = sorted({k for r in rows for k in r if k not in _CONVERSATION_FIELDS})
     columns = {k: [r.get(k) for r in rows] for k in names}
     paths = [p for s in srcs if not is_hub(s) for p in expand(s.path, key)]  # hub ids: named by the recipe
-    return PromptSet(messages, ids, columns, fingerprint(paths))
+    return PromptSet(messages, ids, columns, fingerprint(paths), origins)
 

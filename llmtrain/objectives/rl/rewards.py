@@ -13,8 +13,9 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+from ...distributed import waiting
 from ...errors import ConfigError
 
 
@@ -55,18 +56,58 @@ def load_reward_fns(names: list, weights: list, where) -> list[RewardFn]:
     return out
 
 
-def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: dict) -> tuple[list[float], dict]:
-    """(weighted total per completion, {name: per-completion rewards}); a non-finite or missing value
-    is one error line naming the function (a silent 0 would train on it)."""
-    per_fn, total = {}, [0.0] * len(completions)
+def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: dict,
+          origins: Optional[list] = None, report: Optional[Callable[[str], None]] = None
+          ) -> tuple[list[float], dict, dict]:
+    """(weighted total per completion, {name: per-completion rewards}, {name: per-completion missing flags}).
+
+    A value is missing where the function returned None for it (TRL's "does not apply"), a non-finite
+    or non-numeric value, or raised: a batch call that raises is retried one completion at a time, so a
+    completion the verifier cannot parse costs that completion's value, not the run (DESIGN.md: one bad
+    row never kills a run). A missing value counts 0 in the total (TRL's nansum over the functions),
+    is counted (the rollout's reward_<fn>_missing) and reported through `report` as
+    "<prompt origin>: <fn>: <reason>" (origins: the prompts' file:line). A function that gives no value
+    for any completion of a call is broken (a wrong column name, say): one error line with the first
+    reason; so is a wrong number of values."""
+    n = len(completions)
+    per_fn, missing, total = {}, {}, [0.0] * n
     for r in fns:
-        values = list(r.fn(prompts=prompts, completions=completions, **columns))
-        if len(values) != len(completions) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ConfigError(f"rl.reward_fns: {r.name} returned {len(values)} values for {len(completions)} "
-                             "completions (or a non-finite one); it must return one float per completion")
-        per_fn[r.name] = [float(v) for v in values]
+        values, error = _call(r, prompts, completions, columns)
+        reasons = [error] * n
+        if values is None:  # the batch raised: find the completions it fails on
+            values = []
+            for i in range(n):
+                one, reasons[i] = _call(r, prompts[i: i + 1], completions[i: i + 1],
+                                        {k: v[i: i + 1] for k, v in columns.items()})
+                values.append(one[0] if one is not None and len(one) == 1 else None)
+                if one is not None and len(one) != 1:
+                    reasons[i] = f"returned {len(one)} values for 1 completion"
+        elif len(values) != n:
+            raise ConfigError(f"rl.reward_fns: {r.name} returned {len(values)} values for {n} completions; "
+                              "it must return one float (or None) per completion")
+        ok = [isinstance(v, (int, float)) and math.isfinite(v) for v in values]
+        for i, v in enumerate(values):
+            if not ok[i] and reasons[i] is None:
+                reasons[i] = "returned None" if v is None else f"returned {v!r}"[:120]
+        if n and not any(ok):
+            raise ConfigError(f"rl.reward_fns: {r.name} gave no value for any of {n} completions "
+                              f"(first: {reasons[0]}); fix the function (one float, or None, per completion)")
+        per_fn[r.name] = [float(v) if good else 0.0 for v, good in zip(values, ok)]
+        missing[r.name] = [not good for good in ok]
+        if report is not None:
+            for i in (i for i, good in enumerate(ok) if not good):
+                where = origins[i] if origins else f"completion {i}"
+                report(f"{where}: {r.name}: {reasons[i]} (counted as 0; completion {completions[i][:60]!r})")
         total = [t + r.weight * v for t, v in zip(total, per_fn[r.name])]
-    return total, per_fn
+    return total, per_fn, missing
+
+
+def _call(r: RewardFn, prompts, completions, columns) -> tuple[Optional[list], Optional[str]]:
+    """(values, None), or (None, the exception as one line) when the function raised."""
+    try:
+        return list(r.fn(prompts=prompts, completions=completions, **columns)), None
+    except Exception as e:  # noqa: BLE001 - a user's verifier failing on one completion is counted, not fatal
+        return None, f"raised {type(e).__name__}: {waiting.one_line(e)}"[:200]
 
 
 class RewardModelFn:

@@ -54,6 +54,9 @@ def check_batch_shape(r: RLConfig, t: TrainConfig, world: int) -> int:
     return per_rank
 
 
+MAX_REWARD_REPORTS = 5
+
+
 class RolloutData:
     """TrainData of `llmtrain rl` (data/protocol.py). attach() gives it the engine before the first step."""
 
@@ -71,6 +74,15 @@ class RolloutData:
         self.need_old = self.steps_per_rollout > 1  # one step per rollout: old log-probs = the live ones, detached
         self._last_rollout_end: Optional[float] = None
         self.vllm = None  # rl.generation_backend=vllm: the VLLMBackend (objectives/rl/vllm_backend.py)
+        self.reward_failures = 0  # completions of this rank a reward function gave no value (rewards.score)
+
+    def report_reward_failure(self, line: str) -> None:
+        """A reward function gave no value for a completion: counted; the first few lines of each rank are
+        printed (the rollouts' reward_<fn>_missing metric carries the rest)."""
+        self.reward_failures += 1
+        if self.reward_failures <= MAX_REWARD_REPORTS:
+            more = "; further ones only counted (reward_<fn>_missing)" if self.reward_failures == MAX_REWARD_REPORTS else ""
+            dist.warn(f"rl: no reward for a completion of {line}{more}")
 
     def attach(self, engine, stage: int, policy_logps, ref_logps, critic_values=None) -> None:
         """engine: the policy's DeepSpeed engine; policy_logps / ref_logps(batch) -> (B, T) target
@@ -204,7 +216,8 @@ class RolloutData:
         texts = self.tok.batch_decode([c for c, _ in completions], skip_special_tokens=True)
         rep = [p for p in pids for _ in range(r.num_generations)]  # prompt of each sequence
         columns = {name: [values[p] for p in rep] for name, values in self.prompts.columns.items()}
-        total, per_fn = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns)
+        total, per_fn, missing = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns,
+                                       [self.prompts.origins[p] for p in rep], self.report_reward_failure)
         self.buffer = [{"prompt": pi, "completion": c, "truncated": tr, "adv": 0.0}
                        for pi, (c, tr) in zip(prompt_ids, completions)]
         kl_seq = self._logps_for_buffer()
@@ -220,7 +233,7 @@ class RolloutData:
                 grpo_advantages(groups, scale_std=r.scale_std, eps=r.std_eps)
             for s, a in zip(self.buffer, adv.flatten().tolist()):
                 s["adv"] = a
-        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq, extra)
+        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq, extra, missing)
         if extra:
             metrics.update(self._finish_gae(metrics.pop("_extra")))
         metrics.pop("_extra", None)
@@ -272,15 +285,18 @@ class RolloutData:
                         s["k1"] = k1_tokens.cpu().tolist()
         return torch.tensor(k1, dtype=torch.float64) if want_k1 else None
 
-    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq, extra: dict | None = None) -> dict:
+    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq, extra: dict | None = None,
+                      missing: dict | None = None) -> dict:
         """One all-gather of (completion length, prompt length, truncated, reward, raw reward, per-function
-        rewards[, k1 sum][, extra columns]) per sequence; sets the per-step token counts and returns the
-        rollout's global metrics, with the gathered extra columns under "_extra" ({name: (all seqs,)})."""
-        names, extra = sorted(per_fn), extra or {}
+        rewards, per-function missing flags[, k1 sum][, extra columns]) per sequence; sets the per-step token
+        counts and returns the rollout's global metrics, with the gathered extra columns under "_extra"
+        ({name: (all seqs,)})."""
+        names, extra, missing = sorted(per_fn), extra or {}, missing or {}
         cols = [torch.tensor([len(s["completion"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([len(s["prompt"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([float(s["truncated"]) for s in self.buffer], dtype=torch.float64),
                 rewards, raw_total] + [torch.tensor(per_fn[n], dtype=torch.float64) for n in names]
+        cols += [torch.tensor(missing.get(n, [False] * len(self.buffer)), dtype=torch.float64) for n in names]
         if kl_seq is not None:
             cols.append(kl_seq)
         first_extra = len(cols)
@@ -299,6 +315,7 @@ class RolloutData:
             out["zero_var_groups"] = float((group_std == 0).double().mean())
         for j, n in enumerate(names):
             out[f"reward_{n}"] = float(flat[:, 5 + j].mean())
+            out[f"reward_{n}_missing"] = float(flat[:, 5 + len(names) + j].mean())  # share without a value
         if kl_seq is not None:
             out["kl_k1_seq"] = float(flat[:, first_extra - 1].mean())
         out["_extra"] = {k: flat[:, first_extra + j] for j, k in enumerate(sorted(extra))}
