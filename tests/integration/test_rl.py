@@ -228,6 +228,37 @@ def test_ppo_critic_export_loads_as_a_reward_model(ppo_runs):
     assert trained.shape == (1,) and abs(float(trained[0] - start[0])) > 1e-4
 
 
+def test_packed_rollouts_train_like_one_sequence_per_row(runs, ppo_runs, tiny_model_dir, tmp_path):
+    """data.packing: each micro-batch's sequences share rows (position ids restart per sequence) -- GRPO (old
+    and reference log-probs) and PPO (the critic's values too), 1 rank under ZeRO-3 with whole steps in one
+    micro-batch == the unpacked 1-rank ZeRO-0 runs with one (GRPO) or two (PPO) sequences per micro-batch."""
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    with open(os.path.join(REPO, "data/demo/sft_eval.jsonl")) as f:
+        (tmp_path / "eval7.jsonl").write_text("".join(f.readlines()[:7]))
+    z3 = os.path.join(REPO, "ds_configs/zero3.json")
+    grpo = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "grpo", z3, micro_batch_size=4, grad_accum=1)
+    grpo["data"].update(packing=True, max_seq_len=256, max_prompt_len=64)
+    log = run_rl(tmp_path, grpo, "grpo.yaml")
+    assert "packed into rows of <= 256 tokens" in log.stdout + log.stderr
+    ppo = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "ppo", z3, micro_batch_size=8, grad_accum=1, max_steps=4,
+                    save_every=2)
+    ppo["data"].update(packing=True, max_seq_len=256, max_prompt_len=64)
+    ppo["rl"].update(advantage="gae", critic=os.path.join(os.path.dirname(ppo_runs["one"]), "critic"), kl_type="k1",
+                     kl_coef=0.05, gamma=0.9, lam=0.8, value_clip=0.05, critic_lr=5e-4, ppo_epochs=2, mini_batches=1)
+    run_rl(tmp_path, ppo, "ppo.yaml")
+    pairs = [(runs["one"], grpo["output_dir"], ("loss", "policy_loss", "kl", "clip_frac", "ratio", "entropy")),
+             (ppo_runs["one"], ppo["output_dir"], ("loss", "policy_loss", "value_loss", "value", "kl", "ratio"))]
+    for ref_dir, packed_dir, keys in pairs:
+        ref, packed = steps(ref_dir), steps(packed_dir)
+        assert [r["step"] for r in packed] == [r["step"] for r in ref][:len(packed)]
+        for a, b in zip(ref, packed):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (packed_dir, a["step"], key, a[key], b[key])
+    w1 = load_file(os.path.join(runs["one"], "final", "model.safetensors"))
+    w2 = load_file(os.path.join(grpo["output_dir"], "final", "model.safetensors"))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
 FLAKY = '''
 def flaky(prompts, completions, **_):
     """A verifier that cannot parse completions of even length (raises) and skips those of length 1."""

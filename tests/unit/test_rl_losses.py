@@ -273,3 +273,10 @@ def test_a_reward_function_failing_on_some_completions_costs_their_value_not_the
         score(fns[:1], [[]] * 2, ["x1", "x2"], {"answer": ["1", "2"]})
     with pytest.raises(ConfigError, match="returned 1 values for 2 completions"):
         score([RewardFn("short", lambda prompts, completions, **_: [1.0], 1.0)], [[]] * 2, ["a", "b"], {})
+
+
+def test_pack_rows_fills_rows_in_order_up_to_the_capacity():
+    from llmtrain.objectives.rl.rollout import pack_rows
+
+    assert pack_rows([30, 30, 30, 50, 10, 90, 5], 64) == [[0, 1], [2], [3, 4], [5], [6]]  # 90 > 64: a row alone
+    assert pack_rows([], 64) == [] and pack_rows([7], 7) == [[0]]

@@ -68,11 +68,17 @@ class RL(Objective):
             fns.append(RewardFn("reward_model", RewardModelFn(self.r.reward_model, ctx.info.device), 1.0))
         prompts = load_prompts(ctx.data, "data.train", ctx.tokenizer)
         evals = load_prompts(ctx.data, "data.eval", ctx.tokenizer) if ctx.data.eval else None
+        pack_len = ctx.data.max_seq_len if ctx.data.packing else None
+        if pack_len is not None and pack_len < ctx.data.max_prompt_len + self.r.max_new_tokens:
+            raise ConfigError(f"{ctx.data.where('data.max_seq_len')}: data.max_seq_len={pack_len} is the packed row "
+                              f"length and must hold a whole sequence, data.max_prompt_len + rl.max_new_tokens = "
+                              f"{ctx.data.max_prompt_len + self.r.max_new_tokens}; raise it (or set data.packing=false)")
         self.data = RolloutData(self.r, ctx.train, prompts, evals, ctx.tokenizer, ctx.info, fns,
-                                stop_token_ids(ctx.tokenizer))
+                                stop_token_ids(ctx.tokenizer), pack_len)
         dist.print0(f"rl: {len(prompts)} prompts ({len(evals) if evals else 0} eval), {self.r.prompts_per_step} x "
                     f"{self.r.num_generations} samples per rollout, a rollout every "
-                    f"{self.r.ppo_epochs * self.r.mini_batches} optimizer step(s), advantage {self.r.advantage}")
+                    f"{self.r.ppo_epochs * self.r.mini_batches} optimizer step(s), advantage {self.r.advantage}"
+                    + (f"; each micro-batch packed into rows of <= {pack_len} tokens" if pack_len else ""))
         return self.data
 
     def prepare_data(self, ctx: DataContext, opts: PrepareOptions) -> None:

@@ -57,14 +57,31 @@ def check_batch_shape(r: RLConfig, t: TrainConfig, world: int) -> int:
 MAX_REWARD_REPORTS = 5
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequences (by index, in order) into rows of <= capacity tokens, next fit: a row takes the next
+    sequence while it fits, else a new row starts (a sequence longer than capacity gets a row alone).
+    Order-preserving so a micro-batch's layout depends only on its own sequences."""
+    rows: list[list[int]] = []
+    used = 0
+    for j, n in enumerate(lengths):
+        if rows and used + n <= capacity:
+            rows[-1].append(j)
+            used += n
+        else:
+            rows.append([j])
+            used = n
+    return rows
+
+
 class RolloutData:
     """TrainData of `llmtrain rl` (data/protocol.py). attach() gives it the engine before the first step."""
 
     prefetch_safe = False  # next_step generates with the engine: the loop must not plan in a thread
 
     def __init__(self, r: RLConfig, t: TrainConfig, prompts: PromptSet, eval_prompts: Optional[PromptSet],
-                 tokenizer, info, reward_fns, stop_ids: list[int]):
+                 tokenizer, info, reward_fns, stop_ids: list[int], pack_len: Optional[int] = None):
         self.r, self.t, self.prompts, self.eval_prompts = r, t, prompts, eval_prompts
+        self.pack_len = pack_len  # data.packing: a micro-batch's sequences share rows of <= pack_len tokens
         self.tok, self.info, self.reward_fns, self.stop_ids = tokenizer, info, reward_fns, stop_ids
         self.per_rank = check_batch_shape(r, t, info.world_size)
         self.steps_per_rollout = r.ppo_epochs * r.mini_batches
@@ -166,23 +183,34 @@ class RolloutData:
 
     # --- collation ---
     def collate(self, seqs: list[dict]) -> dict:
-        """One sequence per row (prompt + completion, labels on the completion), plus the per-token
-        rollout tensors aligned with the shifted targets (position t predicts token t + 1)."""
-        rows = []
+        """The sequences (prompt + completion, labels on the completion) one per row, or with data.packing
+        several per row (pack_rows; position ids restart per sequence, flash gets the boundaries), plus the
+        per-token rollout tensors aligned with the shifted targets (position t predicts token t + 1).
+        batch["seq_loc"][j] = (row, offset) of seqs[j]."""
+        samples = []
         for s in seqs:
             ids = np.asarray(s["prompt"] + s["completion"], dtype=np.int64)
             labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
             labels[len(s["prompt"]):] = s["completion"]
-            rows.append([(ids, labels)])
-        batch = collate_sequences(rows, self.tok.pad_token_id)
+            samples.append((ids, labels))
+        layout = pack_rows([len(i) for i, _ in samples], self.pack_len) if self.pack_len else \
+            [[j] for j in range(len(samples))]
+        batch = collate_sequences([[samples[j] for j in row] for row in layout], self.tok.pad_token_id)
+        loc = [(0, 0)] * len(seqs)
+        for b, row in enumerate(layout):
+            offset = 0
+            for j in row:
+                loc[j] = (b, offset)
+                offset += len(samples[j][0])
+        batch["seq_loc"] = loc
         B, T = batch["input_ids"].shape
         adv = torch.zeros((B, T), dtype=torch.float32)
         old = torch.zeros((B, T), dtype=torch.float32)
         ref = torch.zeros((B, T), dtype=torch.float32)
         ppo = self.critic_values is not None
         returns, values = (torch.zeros((B, T), dtype=torch.float32) for _ in range(2))
-        for b, s in enumerate(seqs):
-            a, n = len(s["prompt"]) - 1, len(s["completion"])  # target position of the first completion token
+        for (b, o), s in zip(loc, seqs):
+            a, n = o + len(s["prompt"]) - 1, len(s["completion"])  # target position of the first completion token
             adv[b, a: a + n] = torch.as_tensor(s["adv"], dtype=torch.float32)  # per sequence, or per token (PPO)
             if s.get("old") is not None:
                 old[b, a: a + n] = torch.tensor(s["old"])
@@ -270,8 +298,8 @@ class RolloutData:
             pol = self.policy_logps(batch) if (self.need_old or want_k1) else None
             ref = self.ref_logps(batch) if need_ref else None
             val = self.critic_values(batch) if need_val else None  # (B, T): V at every position (PPO)
-            for b, s in enumerate(seqs):
-                i, n = len(s["prompt"]) - 1, len(s["completion"])
+            for (b, o), s in zip(batch["seq_loc"], seqs):
+                i, n = o + len(s["prompt"]) - 1, len(s["completion"])
                 if pol is not None and self.need_old:
                     s["old"] = pol[b, i: i + n].float().cpu().tolist()
                 if ref is not None:
