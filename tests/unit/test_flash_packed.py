@@ -507,3 +507,73 @@ def test_flash_packed_dpo_run_matches_the_sdpa_run(tiny_model_dir, tmp_path, ref
         runs[attn] = _run(tmp_path, recipe, "launch/dpo.py", ranks=2 if reference_mode == "frozen_copy" else 1)
     assert any("eval_loss" in r for r in runs["sdpa"])
     _assert_same_curves(runs["flash_attention_2"], runs["sdpa"], ("loss", "eval_loss", "reward_margin"), 2e-3)
+
+
+# --------------------------------------------------------------------------- online RL rollouts
+
+
+def _rl_collate(seqs, pack_len):
+    """RolloutData.collate alone (what it reads of itself: the pad id, the packing length, which rollout
+    tensors exist); pack_len None: one sequence per row."""
+    from types import SimpleNamespace
+
+    from llmtrain.objectives.rl.rollout import RolloutData
+
+    data = object.__new__(RolloutData)
+    data.tok, data.pack_len = SimpleNamespace(pad_token_id=0), pack_len
+    data.critic_values, data.ref_logps, data.need_old = None, None, False
+    return data.collate(seqs)
+
+
+def test_flash_packed_rl_rollout_logps_and_critic_values_equal_each_sequence_alone(kernels):
+    """RL micro-batches packed (data.packing) and padded through flash: the policy's log-prob of each
+    completion token, and the critic's value at each position (a sequence-classification model read at
+    every position, PPO), == each prompt + completion alone through sdpa."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llmtrain.losses import shift_labels, token_logps_from_logits
+    from llmtrain.objectives.lm_forward import model_inputs
+    from llmtrain.objectives.reward import position_values
+
+    device, dtype, tol = kernels
+    flash, sdpa, tok = flash_and_sdpa_models("qwen2", device, dtype)  # GQA + a sliding window
+    rng = np.random.default_rng(3)
+    seqs = [{"prompt": rng.integers(3, len(tok), int(rng.integers(2, 9))).tolist(),
+             "completion": rng.integers(3, len(tok), int(rng.integers(1, 8))).tolist(), "adv": 0.0}
+            for _ in range(7)]
+
+    def completion_logps(model, batch, seqs):
+        logits = model(**model_inputs(_Engine(model), to(batch, device))).logits
+        logps = token_logps_from_logits(logits, shift_labels(batch["labels"]).to(device))
+        return [logps[b, o + len(s["prompt"]) - 1: o + len(s["prompt"]) - 1 + len(s["completion"])].double().cpu()
+                for (b, o), s in zip(batch["seq_loc"], seqs)]
+
+    def values(model, batch, seqs):
+        v = position_values(_Engine(model), to(batch, device))
+        return [v[b, o: o + len(s["prompt"]) + len(s["completion"])].double().cpu()
+                for (b, o), s in zip(batch["seq_loc"], seqs)]
+
+    critic_config = copy.deepcopy(flash.config)
+    critic_config.num_labels = 1
+    critics = {}
+    for impl in ("flash_attention_2", "sdpa"):
+        torch.manual_seed(1)
+        critics[impl] = AutoModelForSequenceClassification.from_config(copy.deepcopy(critic_config),
+                                                                        attn_implementation=impl, dtype=dtype)
+    critics["sdpa"].load_state_dict(critics["flash_attention_2"].state_dict())
+    critics = {k: c.to(device).eval() for k, c in critics.items()}
+
+    alone = [_rl_collate([s], None) for s in seqs]
+    want_logps = [completion_logps(sdpa, b, [s])[0] for b, s in zip(alone, seqs)]
+    want_values = [values(critics["sdpa"], b, [s])[0] for b, s in zip(alone, seqs)]
+    for pack_len in (None, 24):
+        batch = _rl_collate(seqs, pack_len)
+        if pack_len:
+            assert batch["input_ids"].shape[0] < len(seqs)  # rows really hold several sequences
+        with torch.no_grad():
+            got_logps = completion_logps(flash, batch, seqs)
+            got_values = values(critics["flash_attention_2"], batch, seqs)
+        for g, w in zip(got_logps, want_logps):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * 10, msg=f"logps, pack_len={pack_len}")
+        for g, w in zip(got_values, want_values):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * 10, msg=f"values, pack_len={pack_len}")
