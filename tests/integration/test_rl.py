@@ -266,6 +266,10 @@ def flaky(prompts, completions, **_):
         if len(c) % 2 == 0:
             raise ValueError(f"cannot parse {c!r}")
     return [None if len(c) == 1 else 1.0 for c in completions]
+
+
+def broken(prompts, completions, **_):
+    raise KeyError("answer")
 '''
 
 
@@ -283,9 +287,19 @@ def test_a_reward_function_raising_on_some_completions_is_counted_and_the_run_go
     assert rollouts[0]["reward_digits_missing"] == 0.0
     lines = [ln for ln in proc.stderr.splitlines() if "rl: no reward for a completion of" in ln]
     # each names the prompt's row (train rollouts and the greedy eval alike) and the reason
-    assert lines and all(re.search(r"(rl_train|eval7)\.jsonl:\d+: flaky: (raised ValueError|returned None)", ln)
-                         for ln in lines), proc.stderr[-2000:]
+    assert lines and all(re.search(r"(rl_train|eval7)\.jsonl:\d+: flaky: (raised ValueError|returned None|not retried)",
+                                   ln) for ln in lines), proc.stderr[-2000:]
     assert len(lines) <= 5 and "Traceback" not in proc.stderr
+    evals = [r for r in read_metrics(recipe["output_dir"]) if "eval_reward" in r]
+    assert evals and 0 < evals[-1]["eval_reward_flaky_missing"] <= 1
+    # a function that never gives a value: one error line, decided on every rank's completions
+    recipe["rl"]["reward_fns"] = ["flaky_rewards:broken", "toy_rewards:digits"]
+    path = write_recipe(tmp_path / "broken.yaml", {**recipe, "output_dir": str(tmp_path / "broken")})
+    proc = run_cmd(python_cmd("launch/rl.py") + ["--recipe", path], timeout=300,
+                   env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "broken gave no value for any of the rollout's 8" in errors[0], \
+        proc.stderr[-2000:]
 
 
 def test_zero3_generation_equals_unsharded(tiny_model_dir):

@@ -2,7 +2,6 @@
 derived in a comment), and the keyed rollout sampler's batch invariance."""
 import math
 
-import pytest
 import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
@@ -251,10 +250,9 @@ def flaky_verifier(prompts, completions, answer, **_):
 
 
 def test_a_reward_function_failing_on_some_completions_costs_their_value_not_the_run():
-    """Hand table: the batch call raises (on 'x'), so each completion is scored alone; 'x' (raised), 'n'
-    (None) and 'nan' get no value from flaky: 0 in the total, flagged, reported with the prompt's origin;
-    the other function still counts for them."""
-    from llmtrain.errors import ConfigError
+    """Hand table: the batch call raises (on 'x'), so it is bisected; 'x' (raised), 'n' (None) and 'nan'
+    get no value from flaky: 0 here, flagged, reported with the prompt's origin; the other function
+    still counts for them. Nothing raises here (the rollout decides on all ranks' flags)."""
     from llmtrain.objectives.rl.rewards import RewardFn, exact_match, score
 
     fns = [RewardFn("flaky", flaky_verifier, 2.0), RewardFn("exact_match", exact_match, 0.5)]
@@ -268,11 +266,46 @@ def test_a_reward_function_failing_on_some_completions_costs_their_value_not_the
     assert total == [2.5, 0.5, 0.5, 0.5, 0.0]
     assert len(lines) == 3 and lines[0].startswith("p.jsonl:2: flaky: raised ValueError: cannot parse 'x'")
     assert lines[1].startswith("p.jsonl:3: flaky: returned None") and lines[2].startswith("p.jsonl:4: flaky: returned nan")
-    # broken for every completion (a wrong column name): one error line naming it and the first reason
-    with pytest.raises(ConfigError, match=r"flaky gave no value for any of 2 completions \(first: raised ValueError"):
-        score(fns[:1], [[]] * 2, ["x1", "x2"], {"answer": ["1", "2"]})
-    with pytest.raises(ConfigError, match="returned 1 values for 2 completions"):
-        score([RewardFn("short", lambda prompts, completions, **_: [1.0], 1.0)], [[]] * 2, ["a", "b"], {})
+
+
+def test_reward_retries_bisect_and_give_up_on_a_function_that_never_succeeds():
+    from llmtrain.objectives.rl.rewards import MAX_FAILED_SINGLES, RewardFn, score
+
+    calls = []
+
+    def one_bad(prompts, completions, **_):  # 1 bad completion of 64: bisection, not 64 single calls
+        calls.append(len(completions))
+        if "bad" in completions:
+            raise ValueError("bad")
+        return [1.0] * len(completions)
+
+    texts = [f"c{i}" for i in range(64)]
+    texts[37] = "bad"
+    _, per_fn, missing = score([RewardFn("one_bad", one_bad, 1.0)], [[]] * 64, texts, {})
+    assert [i for i, m in enumerate(missing["one_bad"]) if m] == [37] and sum(per_fn["one_bad"]) == 63
+    assert len(calls) == 1 + 2 * 6  # the full call, then both halves at each of log2(64) levels
+
+    calls.clear()
+
+    def broken(prompts, completions, **_):
+        calls.append(len(completions))
+        raise KeyError("answer")
+
+    _, _, missing = score([RewardFn("broken", broken, 1.0)], [[]] * 64, texts, {})
+    assert all(missing["broken"]) and sum(1 for n in calls if n == 1) == MAX_FAILED_SINGLES and len(calls) < 20
+    # a wrong number of values is a failed call too: bisected down to calls that return one value each
+    _, per_fn, missing = score([RewardFn("short", lambda prompts, completions, **_: [1.0], 1.0)], [[]] * 2, ["a", "b"], {})
+    assert per_fn["short"] == [1.0, 1.0] and not any(missing["short"])
+
+
+def test_missing_rewards_take_their_groups_mean_of_that_function():
+    from llmtrain.objectives.rl.rewards import impute_group_means
+
+    per_fn = {"a": [1.0, 0.0, 3.0, -2.0, 0.0, -6.0, 0.0, 0.0], "b": [1.0] * 8}
+    missing = {"a": [False, True, False, False, True, False, True, True], "b": [False] * 8}
+    total = impute_group_means(per_fn, missing, {"a": 0.5, "b": 2.0}, group=3)  # groups [0-2] [3-5] [6-7]
+    assert per_fn["a"] == [1.0, 2.0, 3.0, -2.0, -4.0, -6.0, 0.0, 0.0]  # (1+3)/2, (-2-6)/2, none: 0
+    assert total == [2.5, 3.0, 3.5, 1.0, 0.0, -1.0, 2.0, 2.0]
 
 
 def test_pack_rows_fills_rows_in_order_up_to_the_capacity():

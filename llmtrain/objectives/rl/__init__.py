@@ -166,13 +166,16 @@ class RL(Objective):
             outs = self._greedy_hf(engine, prompts, device)
         texts = data.tok.batch_decode([c for c, _ in outs], skip_special_tokens=True)
         columns = {k: [v[i] for i in mine] for k, v in ps.columns.items()}
-        total, per_fn, _ = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns,
-                                 [ps.origins[i] for i in mine], data.report_reward_failure) if mine else ([], {}, {})
+        total, per_fn, missing = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns,
+                                       [ps.origins[i] for i in mine], data.report_reward_failure) if mine else ([], {}, {})
         names = [f.name for f in data.reward_fns]
-        local = torch.tensor([sum(total)] + [sum(per_fn.get(n, [])) for n in names], dtype=torch.float64, device=device)
+        local = torch.tensor([sum(total)] + [sum(per_fn.get(n, [])) for n in names] +
+                             [sum(missing.get(n, [])) for n in names], dtype=torch.float64, device=device)
         totals = dist.all_reduce_sum(local).tolist()
-        out = {"eval_reward": totals[0] / eval_set.global_weight}
-        out.update({f"eval_reward_{n}": v / eval_set.global_weight for n, v in zip(names, totals[1:])})
+        w, k = eval_set.global_weight, len(names)
+        out = {"eval_reward": totals[0] / w}  # a missing value counts 0 here (no group to impute from)
+        out.update({f"eval_reward_{n}": v / w for n, v in zip(names, totals[1: 1 + k])})
+        out.update({f"eval_reward_{n}_missing": v / w for n, v in zip(names, totals[1 + k:])})
         return out
 
     def _greedy_hf(self, engine, prompts: list, device) -> list:

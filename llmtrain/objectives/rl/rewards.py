@@ -56,50 +56,73 @@ def load_reward_fns(names: list, weights: list, where) -> list[RewardFn]:
     return out
 
 
+MAX_FAILED_SINGLES = 3  # single-completion calls that may fail before a function that never succeeds is given up
+
+
 def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: dict,
           origins: Optional[list] = None, report: Optional[Callable[[str], None]] = None
           ) -> tuple[list[float], dict, dict]:
     """(weighted total per completion, {name: per-completion rewards}, {name: per-completion missing flags}).
 
     A value is missing where the function returned None for it (TRL's "does not apply"), a non-finite
-    or non-numeric value, or raised: a batch call that raises is retried one completion at a time, so a
-    completion the verifier cannot parse costs that completion's value, not the run (DESIGN.md: one bad
-    row never kills a run). A missing value counts 0 in the total (TRL's nansum over the functions),
-    is counted (the rollout's reward_<fn>_missing) and reported through `report` as
-    "<prompt origin>: <fn>: <reason>" (origins: the prompts' file:line). A function that gives no value
-    for any completion of a call is broken (a wrong column name, say): one error line with the first
-    reason; so is a wrong number of values."""
+    or non-numeric value, or raised (or returned the wrong number of values) on the call that held it.
+    A failed call is split in halves and each half called again (bisection: about k log n batched calls
+    for k bad completions, not n single ones), so a completion the verifier cannot parse costs that
+    completion's value, not the run (DESIGN.md: one bad row never kills a run). Once MAX_FAILED_SINGLES
+    single-completion calls failed and none succeeded, the rest is given up without calls (a broken
+    function, or a device error, fails everything: no point in n retries).
+
+    Missing values are 0 here; each is reported through `report` as "<prompt origin>: <fn>: <reason>"
+    (origins: the prompts' file:line). Nothing here raises: a rank cannot decide alone that a function
+    is broken while the others wait in a collective; the rollout decides on the all-gathered
+    missing flags (RolloutData._check_rewards) and imputes the group's mean (impute_group_means)."""
     n = len(completions)
     per_fn, missing, total = {}, {}, [0.0] * n
     for r in fns:
-        values, error = _call(r, prompts, completions, columns)
-        reasons = [error] * n
-        if values is None:  # the batch raised: find the completions it fails on
-            values = []
-            for i in range(n):
-                one, reasons[i] = _call(r, prompts[i: i + 1], completions[i: i + 1],
-                                        {k: v[i: i + 1] for k, v in columns.items()})
-                values.append(one[0] if one is not None and len(one) == 1 else None)
-                if one is not None and len(one) != 1:
-                    reasons[i] = f"returned {len(one)} values for 1 completion"
-        elif len(values) != n:
-            raise ConfigError(f"rl.reward_fns: {r.name} returned {len(values)} values for {n} completions; "
-                              "it must return one float (or None) per completion")
+        values: list = [None] * n
+        reasons: list = [None] * n
+        state = {"ok": False, "failed_singles": 0, "first_error": None}
+        _bisect(r, prompts, completions, columns, list(range(n)), values, reasons, state)
         ok = [isinstance(v, (int, float)) and math.isfinite(v) for v in values]
         for i, v in enumerate(values):
             if not ok[i] and reasons[i] is None:
                 reasons[i] = "returned None" if v is None else f"returned {v!r}"[:120]
-        if n and not any(ok):
-            raise ConfigError(f"rl.reward_fns: {r.name} gave no value for any of {n} completions "
-                              f"(first: {reasons[0]}); fix the function (one float, or None, per completion)")
         per_fn[r.name] = [float(v) if good else 0.0 for v, good in zip(values, ok)]
         missing[r.name] = [not good for good in ok]
         if report is not None:
             for i in (i for i, good in enumerate(ok) if not good):
                 where = origins[i] if origins else f"completion {i}"
-                report(f"{where}: {r.name}: {reasons[i]} (counted as 0; completion {completions[i][:60]!r})")
+                report(f"{where}: {r.name}: {reasons[i]} (completion {completions[i][:60]!r})")
         total = [t + r.weight * v for t, v in zip(total, per_fn[r.name])]
     return total, per_fn, missing
+
+
+def _bisect(r: RewardFn, prompts, completions, columns, idx: list, values: list, reasons: list, state: dict) -> None:
+    """Call r on the completions idx; on failure split in halves (see score). Fills values / reasons."""
+    if not idx:
+        return
+    if not state["ok"] and state["failed_singles"] >= MAX_FAILED_SINGLES:  # never worked: stop calling it
+        for i in idx:
+            reasons[i] = f"not retried after {MAX_FAILED_SINGLES} failed single calls ({state['first_error']})"
+        return
+    sub = (prompts, completions, columns) if len(idx) == len(completions) else \
+        ([prompts[i] for i in idx], [completions[i] for i in idx], {k: [v[i] for i in idx] for k, v in columns.items()})
+    got, error = _call(r, *sub)
+    if got is not None and len(got) != len(idx):
+        got, error = None, f"returned {len(got)} values for {len(idx)} completions"
+    if got is not None:
+        state["ok"] = True
+        for i, v in zip(idx, got):
+            values[i] = v
+        return
+    state["first_error"] = state["first_error"] or error
+    if len(idx) == 1:
+        state["failed_singles"] += 1
+        reasons[idx[0]] = error
+        return
+    half = len(idx) // 2
+    _bisect(r, prompts, completions, columns, idx[:half], values, reasons, state)
+    _bisect(r, prompts, completions, columns, idx[half:], values, reasons, state)
 
 
 def _call(r: RewardFn, prompts, completions, columns) -> tuple[Optional[list], Optional[str]]:
@@ -108,6 +131,25 @@ def _call(r: RewardFn, prompts, completions, columns) -> tuple[Optional[list], O
         return list(r.fn(prompts=prompts, completions=completions, **columns)), None
     except Exception as e:  # noqa: BLE001 - a user's verifier failing on one completion is counted, not fatal
         return None, f"raised {type(e).__name__}: {waiting.one_line(e)}"[:200]
+
+
+def impute_group_means(per_fn: dict, missing: dict, weights: dict, group: int) -> list[float]:
+    """The weighted totals again, each missing value replaced by the mean of that function's values over
+    the same prompt's other samples (0 where none has one): a completion the verifier could not score
+    is neither rewarded nor punished against its group by that function (0 would reward a crash
+    wherever the group's values are negative). per_fn is updated in place."""
+    for name, flags in missing.items():
+        if not any(flags):
+            continue
+        vals = per_fn[name]
+        for g in range(0, len(vals), group):
+            have = [vals[i] for i in range(g, min(g + group, len(vals))) if not flags[i]]
+            fill = sum(have) / len(have) if have else 0.0
+            for i in range(g, min(g + group, len(vals))):
+                if flags[i]:
+                    vals[i] = fill
+    n = len(next(iter(per_fn.values()), []))
+    return [sum(weights[name] * per_fn[name][i] for name in per_fn) for i in range(n)]
 
 
 class RewardModelFn:

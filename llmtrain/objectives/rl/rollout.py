@@ -36,7 +36,7 @@ from ...errors import ConfigError
 from ...losses.rl import gae, grpo_advantages, kl_k1_tokens, outcome_token_rewards, rloo_advantages, whiten
 from . import generation
 from .prompts import PromptSet
-from .rewards import score
+from .rewards import impute_group_means, score
 
 
 def check_batch_shape(r: RLConfig, t: TrainConfig, world: int) -> int:
@@ -246,6 +246,8 @@ class RolloutData:
         columns = {name: [values[p] for p in rep] for name, values in self.prompts.columns.items()}
         total, per_fn, missing = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns,
                                        [self.prompts.origins[p] for p in rep], self.report_reward_failure)
+        if any(any(flags) for flags in missing.values()):  # neither rewarded nor punished against its group
+            total = impute_group_means(per_fn, missing, {f.name: f.weight for f in self.reward_fns}, r.num_generations)
         self.buffer = [{"prompt": pi, "completion": c, "truncated": tr, "adv": 0.0}
                        for pi, (c, tr) in zip(prompt_ids, completions)]
         kl_seq = self._logps_for_buffer()
@@ -344,6 +346,10 @@ class RolloutData:
         for j, n in enumerate(names):
             out[f"reward_{n}"] = float(flat[:, 5 + j].mean())
             out[f"reward_{n}_missing"] = float(flat[:, 5 + len(names) + j].mean())  # share without a value
+            if out[f"reward_{n}_missing"] == 1.0:  # decided on the gathered table: every rank raises alike
+                raise ConfigError(f"rl.reward_fns: {n} gave no value for any of the rollout's {flat.shape[0]} "
+                                  "completions (the warnings above say why); fix the function (one float, or "
+                                  "None, per completion)")
         if kl_seq is not None:
             out["kl_k1_seq"] = float(flat[:, first_extra - 1].mean())
         out["_extra"] = {k: flat[:, first_extra + j] for j, k in enumerate(sorted(extra))}
