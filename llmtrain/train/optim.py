@@ -116,26 +116,32 @@ def apply_train_settings(engine, t: TrainConfig) -> list[str]:
 
 
 def group_settings(engine) -> list[dict]:
-    """Per param group: the settings a ZeRO-3 universal load overwrites (see repair_zero3_universal_load)."""
-    return [{k: g[k] for k in ("llmtrain_group", "weight_decay") if k in g} for g in _basic_optimizer(engine).param_groups]
+    """Per param group: its llmtrain tag, which a ZeRO-3 universal load overwrites (repair_zero3_universal_load)."""
+    return [{"llmtrain_group": g["llmtrain_group"]} for g in _basic_optimizer(engine).param_groups if "llmtrain_group" in g]
 
 
 def repair_zero3_universal_load(engine, settings: list[dict]) -> None:
     """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load
     (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), found because PPO's resumed policy
     and critic drifted from the uninterrupted run by ~4% of an update per step:
-    1. it hands every sub-group the *same* `step` tensor, which torch's Adam increments in place once
-       per group per step: with llmtrain's two groups (decay, no decay) the bias correction ran one
-       step ahead per step. Each group gets its own copy.
-    2. it copies group 0's hyperparameters onto every group, so the no-decay group (norms, biases)
-       got the decay group's weight_decay and tag. settings (group_settings before the load) are put back;
-       apply_train_settings then applies the recipe's values by tag as after any resume."""
+    1. it hands every sub-group the *same* `step` tensor, which torch's AdamW (CPU, no offload) increments
+       in place once per group per step: with llmtrain's two groups (decay, no decay) the bias correction
+       ran one step ahead per step. Each group gets its own copy (FusedAdam and DeepSpeedCPUAdam keep an
+       int step: nothing shared there).
+    2. it copies group 0's hyperparameters onto every group, so the no-decay group (norms, biases) got
+       the decay group's tag and weight_decay. The tags (group_settings before the load) go back and the
+       no-decay group's decay back to 0, its value in every llmtrain checkpoint; the decay group keeps the
+       checkpoint's value, so apply_train_settings reports a changed train.weight_decay as after any resume."""
     basic = _basic_optimizer(engine)
     for state in basic.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+    if len(settings) != len(basic.param_groups):
+        return  # untagged groups (not built by param_groups): nothing known to put back
     for group, before in zip(basic.param_groups, settings):
         group.update(before)
+        if before["llmtrain_group"] == NO_DECAY:
+            group["weight_decay"] = 0.0
 
 
 def _basic_optimizer(engine):
