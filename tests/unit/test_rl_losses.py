@@ -2,6 +2,7 @@
 derived in a comment), and the keyed rollout sampler's batch invariance."""
 import math
 
+import numpy as np
 import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
@@ -185,7 +186,7 @@ def test_batch_shape_rewards_and_prompt_rows(tmp_path):
     ps = load_prompts(d, "data.train", tok)
     assert [m[-1]["content"] for m in ps.messages] == ["Reverse 12", "Reverse the digits.\n\n345", "Reverse 67"]
     assert ps.columns["answer"] == ["21", "543", "76"] and ps.columns["level"] == [None, None, 2]
-    assert all(t == tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+    assert all(t.dtype == np.int32 and t.tolist() == tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                         add_special_tokens=False).input_ids for t, m in zip(ps.token_ids, ps.messages))
     with pytest.raises(Exception, match="above data.max_bad_fraction"):
         load_prompts(DataConfig(train=[str(path)], max_prompt_len=40), "data.train", tok)

@@ -159,7 +159,7 @@ class RL(Objective):
         data, r = self.data, self.r
         ps = data.eval_prompts
         mine = eval_set.batches
-        prompts = [ps.token_ids[i] for i in mine]
+        prompts = [ps.token_ids[i].tolist() for i in mine]
         if self.vllm is not None:
             outs = self.vllm.greedy(engine, self.stage, prompts, r.max_new_tokens, data.stop_ids)
         else:
@@ -184,7 +184,7 @@ class RL(Objective):
         with generation.generation_mode(engine, self.stage, r.zero3_gather) as synced:
             if synced:  # the hooks path: every rank runs as many generate calls (dummy prompts fill the gap)
                 n = generation.batches_needed(len(prompts), r.generation_batch_size, device) * r.generation_batch_size
-                prompts = prompts + [data.eval_prompts.token_ids[0]] * (n - len(prompts))
+                prompts = prompts + [data.eval_prompts.token_ids[0].tolist()] * (n - len(prompts))
             return generation.generate(engine.module, prompts, keys=None, seed=0, temperature=1.0, top_p=1.0,
                                        max_new_tokens=r.max_new_tokens, stop_ids=data.stop_ids,
                                        pad_id=data.tok.pad_token_id, batch_size=r.generation_batch_size,

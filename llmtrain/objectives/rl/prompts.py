@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...config import DataConfig, sources
 from ...data.chat import normalize_message, to_messages
 from ...data.sources import BadRow, BadRowReport, SplitReader, expand, fingerprint, is_hub
@@ -15,7 +17,7 @@ _CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "instruction", "i
 @dataclass
 class PromptSet:
     messages: list  # per prompt: the conversation up to the answer to generate
-    token_ids: list  # per prompt: the rendered generation prompt's token ids
+    token_ids: list  # per prompt: the rendered generation prompt's token ids (np.int32: ~7x less RAM than ints)
     columns: dict  # column name -> per-prompt values (e.g. answer)
     fingerprint: str  # identity of the source files (resume checks)
     origins: list = field(default_factory=list)  # per prompt: its row's "file:line" (reward failure reports)
@@ -63,8 +65,8 @@ def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
             report.add(BadRow(row.origin, f"prompt of {len(tok)} tokens > data.max_prompt_len={d.max_prompt_len}"))
             continue
         messages.append(msgs)
-        ids.append(tok)
-        rows.append(row.record)
+        ids.append(np.asarray(tok, dtype=np.int32))
+        rows.append({k: v for k, v in row.record.items() if k not in _CONVERSATION_FIELDS})  # the extra columns only
         origins.append(row.origin)
     try:
         report.check(d.max_bad_fraction, key)
@@ -72,7 +74,7 @@ def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
         raise DataError(str(e)) from None
     if not messages:
         raise DataError(f"{key}: no usable prompt in {', '.join(s.path for s in srcs)}")
-    names = sorted({k for r in rows for k in r if k not in _CONVERSATION_FIELDS})
+    names = sorted({k for r in rows for k in r})
     columns = {k: [r.get(k) for r in rows] for k in names}
     paths = [p for s in srcs if not is_hub(s) for p in expand(s.path, key)]  # hub ids: named by the recipe
     return PromptSet(messages, ids, columns, fingerprint(paths), origins)

@@ -237,7 +237,7 @@ class RolloutData:
         first = k * r.prompts_per_step
         local = list(range(info.rank, r.prompts_per_step, info.world_size))  # rollout prompt indices of this rank
         pids = [self._prompt_at(first + i) for i in local]
-        prompt_ids = [self.prompts.token_ids[p] for p in pids for _ in range(r.num_generations)]
+        prompt_ids = [self.prompts.token_ids[p].tolist() for p in pids for _ in range(r.num_generations)]
         keys = [(k, first + i, g) for i in local for g in range(r.num_generations)]
         completions = self._generate(prompt_ids, keys)
         gen_sec = time.perf_counter() - t0
