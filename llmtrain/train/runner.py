@@ -210,6 +210,14 @@ def _universal_if_resized(cfg: Config, info, ds_config: dict, resume_path: Optio
     saved_world = saved.get("world_size", info.world_size)
     if saved_world == info.world_size:
         return resume_path
+    off = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if zero_stage(ds_config) == 3 and off.get("device", "none") != "none" and float(off.get("ratio", 1.0)) < 1.0:
+        # stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3 writes only self.optimizer's state: the
+        # sub-groups a partial offload keeps on the GPU (stepped by backup_optimizer) would lose their Adam moments
+        raise ConfigError(f"train.resume: {resume_path} was written by {saved_world} rank(s), now {info.world_size}, and "
+                          f"the ZeRO-3 offload_optimizer.ratio is {off['ratio']} (< 1): DeepSpeed's universal load would "
+                          "drop the Adam state of the sub-groups kept on the GPU; resume at the saved world size, or "
+                          "with offload_optimizer.ratio 1 for the resume")
     # ZeRO partitions optimizer state by rank: go through DeepSpeed's universal format
     dist.print0(f"resume: checkpoint written by {saved_world} rank(s), now {info.world_size}: "
                 "loading it through a universal checkpoint")

@@ -248,3 +248,22 @@ def test_converter_reads_the_largest_parameter_without_loading_tensors_or_runnin
     torch.save({"param_shapes": Evil(str(sentinel))}, evil / "mp_rank_00_model_states.pt")
     assert universal._largest_param_numel(str(evil)) == 0 and not sentinel.exists()  # unknown -> 1 merge worker
     assert universal.converter_workers(str(evil))[1] == 1
+
+
+def test_a_zero3_partial_optimizer_offload_is_not_resumed_at_another_world_size(tmp_path):
+    """offload_optimizer.ratio < 1 keeps some sub-groups' optimizer on the GPU, whose state DeepSpeed's
+    ZeRO-3 universal load never restores: one line before any conversion; ratio 1 goes on to convert."""
+    from types import SimpleNamespace
+
+    from llmtrain.train import runner
+
+    cfg = _cfg(tmp_path)
+    os.makedirs(cfg.output_dir)
+    path = fake_checkpoint(checkpoint.ckpt_root(cfg), 2, run_id=checkpoint.write_run_id(cfg.output_dir, fresh=True))
+    info = SimpleNamespace(world_size=1)
+    partial = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}}
+    with pytest.raises(ConfigError, match="offload_optimizer.ratio is 0.3") as e:
+        runner._universal_if_resized(cfg, info, partial, path)
+    assert "\n" not in str(e.value)
+    same_world = SimpleNamespace(world_size=2)  # the saved world size: loaded as it is
+    assert runner._universal_if_resized(cfg, same_world, partial, path) == path
