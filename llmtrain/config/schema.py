@@ -180,6 +180,9 @@ class RLConfig(Section):
     std_eps: float = 1.0e-4  # added to the group std (TRL 1e-4)
     num_generations: int = 8  # samples per prompt (G); all of a prompt's samples are on one rank
     prompts_per_step: int = 16  # prompts per rollout, all ranks (a multiple of world size x mini_batches)
+    # dynamic sampling (DAPO): candidate prompts per slot, each sampled G times; a slot trains on the first whose
+    # samples' rewards differ (else the first). O x the generation cost; 1 = off
+    oversample: int = 1
     temperature: float = 1.0  # sampling temperature of rollouts (eval is greedy)
     top_p: float = 1.0  # nucleus sampling of rollouts (1 = off)
     max_new_tokens: int = 64  # completion budget in tokens (a completion without a stop token is truncated)

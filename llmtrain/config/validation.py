@@ -165,6 +165,7 @@ def _validate_rl(cfg: Config) -> None:
         _require(r.num_generations >= 2, cfg, "rl.num_generations", f"must be >= 2 for rl.advantage={r.advantage} "
                  "(group baselines compare samples of one prompt)")
     _require(r.prompts_per_step >= 1, cfg, "rl.prompts_per_step", "must be >= 1")
+    _require(r.oversample >= 1, cfg, "rl.oversample", "must be >= 1 (1 = no dynamic sampling)")
     _require(r.temperature > 0, cfg, "rl.temperature", "must be > 0")
     _require(0 < r.top_p <= 1, cfg, "rl.top_p", "must be in (0, 1]")
     _require(r.max_new_tokens >= 1, cfg, "rl.max_new_tokens", "must be >= 1")

@@ -74,10 +74,12 @@ def runs(tiny_model_dir, tmp_path_factory):
     z3 = tmp / "zero3.json"
     z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     one = rl_recipe(tmp, tiny_model_dir, tmp / "one", os.path.join(REPO, "ds_configs/zero0.json"), grad_accum=4)
+    one["rl"]["oversample"] = 2  # dynamic sampling: 2 candidate prompts per slot, the same choice on any world size
     run_rl(tmp, one, "one.yaml")
     # stopped at step 6, inside the second rollout (4 steps each): the resume continues that rollout from the
     # samples the checkpoint keeps per rank (checkpoints/step_6/data/rank_<r>.pt), it does not regenerate them
     two = rl_recipe(tmp, tiny_model_dir, tmp / "two", str(z3), grad_accum=2, max_steps=6)
+    two["rl"]["oversample"] = 2
     two["rl"]["zero3_gather"] = False  # the hooks path (synced_gpus; eval pads the rank with fewer prompts)
     first = run_rl(tmp, two, "two_a.yaml", ranks=2)
     rows_before = steps(two["output_dir"])
@@ -103,6 +105,9 @@ def test_two_ranks_zero3_equal_one_rank_with_accumulation_and_resume(runs):
         for key in ("reward", "reward_std", "reward_digits", "reward_length", "completion_len", "zero_var_groups"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), (a["step"], key)
     assert len({r["reward"] for _, r in rollouts}) == 2 and one[0]["reward_std"] > 0  # a real signal
+    for a, b in rollouts:  # dynamic sampling: the chosen groups have signal wherever a candidate had
+        assert a["oversample_informative"] == pytest.approx(b["oversample_informative"], abs=1e-12)
+        assert a["zero_var_groups"] <= 1 - a["oversample_informative"] + 1e-9  # a slot without signal had none
     ev1, ev2 = ([r for r in read_metrics(runs[k]) if "eval_reward" in r][-1] for k in ("one", "two"))
     assert ev1 == pytest.approx(ev2, abs=1e-9)  # greedy eval of 7 prompts on 1 rank == 4 + 3 on 2 ranks
     w1 = load_file(os.path.join(runs["one"], "final", "model.safetensors"))
@@ -238,6 +243,7 @@ def test_packed_rollouts_train_like_one_sequence_per_row(runs, ppo_runs, tiny_mo
     z3 = os.path.join(REPO, "ds_configs/zero3.json")
     grpo = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "grpo", z3, micro_batch_size=4, grad_accum=1)
     grpo["data"].update(packing=True, max_seq_len=256, max_prompt_len=64)
+    grpo["rl"]["oversample"] = 2  # as runs["one"]
     log = run_rl(tmp_path, grpo, "grpo.yaml")
     assert "packed into rows of <= 256 tokens" in log.stdout + log.stderr
     ppo = rl_recipe(tmp_path, tiny_model_dir, tmp_path / "ppo", z3, micro_batch_size=8, grad_accum=1, max_steps=4,

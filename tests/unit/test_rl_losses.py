@@ -314,3 +314,13 @@ def test_pack_rows_fills_rows_in_order_up_to_the_capacity():
 
     assert pack_rows([30, 30, 30, 50, 10, 90, 5], 64) == [[0, 1], [2], [3, 4], [5], [6]]  # 90 > 64: a row alone
     assert pack_rows([], 64) == [] and pack_rows([7], 7) == [[0]]
+
+
+def test_dynamic_sampling_takes_each_slots_first_candidate_with_signal():
+    from llmtrain.objectives.rl.rollout import select_candidates
+
+    rewards = torch.tensor([[[1, 1], [0, 1], [1, 0]],   # slot 0: candidate 1 is the first with signal
+                            [[0, 1], [1, 1], [0, 0]],   # slot 1: candidate 0 already has it
+                            [[1, 1], [0, 0], [2, 2]]],  # slot 2: none: the first
+                           dtype=torch.float64)
+    assert select_candidates(rewards) == ([1, 0, 0], [2, 1, 0])

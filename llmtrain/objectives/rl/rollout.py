@@ -57,6 +57,15 @@ def check_batch_shape(r: RLConfig, t: TrainConfig, world: int) -> int:
 MAX_REWARD_REPORTS = 5
 
 
+def select_candidates(rewards: torch.Tensor) -> tuple[list[int], list[int]]:
+    """DAPO's dynamic sampling, per slot: rewards (slots, O candidates, G samples) -> (the chosen candidate
+    of each slot: the first whose samples' rewards differ, else the first; the number of such candidates
+    per slot). A group whose samples all got one reward has zero advantage under GRPO/RLOO: no signal."""
+    informative = (rewards.max(dim=2).values > rewards.min(dim=2).values)  # (slots, O)
+    chosen = [int(row.nonzero()[0]) if bool(row.any()) else 0 for row in informative]
+    return chosen, informative.sum(dim=1).tolist()
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Sequences (by index, in order) into rows of <= capacity tokens, next fit: a row takes the next
     sequence while it fits, else a new row starts (a sequence longer than capacity gets a row alone).
@@ -110,9 +119,13 @@ class RolloutData:
 
     # --- the prompt stream ---
     def _prompt_at(self, pos: int) -> int:
+        """The prompt at stream position pos: epoch e = pos // n is a permutation seeded by (train.seed, e),
+        made once per epoch (not per prompt: O(n) each at 10^6 prompts would cost seconds per rollout)."""
         n = len(self.prompts)
-        order = np.random.default_rng([self.t.seed, pos // n]).permutation(n)
-        return int(order[pos % n])
+        epoch = pos // n
+        if getattr(self, "_order", (None, None))[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.t.seed, epoch]).permutation(n))
+        return int(self._order[1][pos % n])
 
     # --- TrainData ---
     def next_step(self) -> StepPlan:
@@ -134,7 +147,8 @@ class RolloutData:
         micro = [list(block[a: a + mbs]) for a in range(0, self.per_rank, mbs)]
         return StepPlan(micro_batches=micro, global_weight=int(self.completion_tokens[:, block].sum()),
                         global_tokens=int(self.all_tokens[:, block].sum()),
-                        epoch=self.rollouts_done * self.r.prompts_per_step / len(self.prompts), metrics=metrics)
+                        epoch=self.rollouts_done * self.r.prompts_per_step * self.r.oversample / len(self.prompts),
+                        metrics=metrics)
 
     def batches(self, plan: StepPlan) -> list[dict]:
         out = [self.collate([self.buffer[i] for i in mb]) for mb in plan.micro_batches]
@@ -234,22 +248,37 @@ class RolloutData:
         r, info, k = self.r, self.info, self.rollouts_done
         t0 = time.perf_counter()
         train_sec = t0 - self._last_rollout_end if self._last_rollout_end is not None else None
-        first = k * r.prompts_per_step
-        local = list(range(info.rank, r.prompts_per_step, info.world_size))  # rollout prompt indices of this rank
-        pids = [self._prompt_at(first + i) for i in local]
-        prompt_ids = [self.prompts.token_ids[p].tolist() for p in pids for _ in range(r.num_generations)]
-        keys = [(k, first + i, g) for i in local for g in range(r.num_generations)]
+        P, G, O = r.prompts_per_step, r.num_generations, r.oversample
+        first = k * P * O
+        local = list(range(info.rank, P, info.world_size))  # rollout slots (prompt indices) of this rank
+        # candidate j of slot i is stream position first + j * P + i: which candidates a slot has, and their
+        # samples (keyed by position), do not depend on the world size
+        cands = [first + j * P + i for i in local for j in range(O)]
+        pids = [self._prompt_at(c) for c in cands]
+        prompt_ids = [self.prompts.token_ids[p].tolist() for p in pids for _ in range(G)]
+        keys = [(k, c, g) for c in cands for g in range(G)]
         completions = self._generate(prompt_ids, keys)
         gen_sec = time.perf_counter() - t0
         texts = self.tok.batch_decode([c for c, _ in completions], skip_special_tokens=True)
-        rep = [p for p in pids for _ in range(r.num_generations)]  # prompt of each sequence
+        rep = [p for p in pids for _ in range(G)]  # prompt of each sequence
         columns = {name: [values[p] for p in rep] for name, values in self.prompts.columns.items()}
         total, per_fn, missing = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns,
                                        [self.prompts.origins[p] for p in rep], self.report_reward_failure)
         if any(any(flags) for flags in missing.values()):  # neither rewarded nor punished against its group
-            total = impute_group_means(per_fn, missing, {f.name: f.weight for f in self.reward_fns}, r.num_generations)
+            total = impute_group_means(per_fn, missing, {f.name: f.weight for f in self.reward_fns}, G)
+        gen_tokens = [sum(len(completions[(a * O + j) * G + g][0]) for j in range(O) for g in range(G))
+                      for a in range(len(local))]  # per slot, every candidate's
+        chosen, informative = select_candidates(torch.tensor(total, dtype=torch.float64).view(len(local), O, G))
+        keep = [(a * O + j) * G + g for a, j in enumerate(chosen) for g in range(G)]  # slot order, as without O
+        prompt_ids, completions, total = ([x[i] for i in keep] for x in (prompt_ids, completions, total))
+        per_fn = {n: [v[i] for i in keep] for n, v in per_fn.items()}
+        missing = {n: [v[i] for i in keep] for n, v in missing.items()}
         self.buffer = [{"prompt": pi, "completion": c, "truncated": tr, "adv": 0.0}
                        for pi, (c, tr) in zip(prompt_ids, completions)]
+        self._slot_columns = (torch.tensor([gen_tokens[a] / G for a in range(len(local)) for _ in range(G)],
+                                           dtype=torch.float64),
+                              torch.tensor([informative[a] / O for a in range(len(local)) for _ in range(G)],
+                                           dtype=torch.float64))
         kl_seq = self._logps_for_buffer()
         rewards = torch.tensor(total, dtype=torch.float64)
         extra = {}
@@ -327,6 +356,8 @@ class RolloutData:
                 torch.tensor([float(s["truncated"]) for s in self.buffer], dtype=torch.float64),
                 rewards, raw_total] + [torch.tensor(per_fn[n], dtype=torch.float64) for n in names]
         cols += [torch.tensor(missing.get(n, [False] * len(self.buffer)), dtype=torch.float64) for n in names]
+        gen_col, informative_col = getattr(self, "_slot_columns", (cols[0], torch.ones(len(self.buffer), dtype=torch.float64)))
+        cols += [gen_col, informative_col]  # generated tokens (all candidates) / G; informative candidates / O
         if kl_seq is not None:
             cols.append(kl_seq)
         first_extra = len(cols)
@@ -340,7 +371,9 @@ class RolloutData:
         group_std = flat[:, 4].view(-1, G).std(dim=1, unbiased=False)
         out = {"reward": float(flat[:, 4].mean()), "reward_std": float(flat[:, 4].std(unbiased=False)),
                "completion_len": float(flat[:, 0].mean()), "truncated_frac": float(flat[:, 2].mean()),
-               "rollout": self.rollouts_done + 1, "_completion_tokens": float(flat[:, 0].sum())}
+               "rollout": self.rollouts_done + 1, "_completion_tokens": float(flat[:, 5 + 2 * len(names)].sum())}
+        if self.r.oversample > 1:  # share of all candidate groups (before the choice) whose samples' rewards differ
+            out["oversample_informative"] = float(flat[:, 6 + 2 * len(names)].mean())
         if G > 1:  # one sample per prompt (PPO may use it) has no group to compare
             out["zero_var_groups"] = float((group_std == 0).double().mean())
         for j, n in enumerate(names):
