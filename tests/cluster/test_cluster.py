@@ -30,10 +30,31 @@ CPU_SBATCH = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "
 SFT, PREFLIGHT = os.path.join(REPO, "launch", "sft.py"), os.path.join(REPO, "launch", "preflight.py")
 
 
-def losses_by_step(output_dir) -> dict[int, float]:
-    """step -> loss; a resumed run may log a step twice: the last row wins (it is what the run kept)."""
+def step_rows(output_dir) -> dict[int, dict]:
+    """step -> its training row; a resumed run may log a step twice: the last row wins (it is what the run kept)."""
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl")) if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def losses_by_step(output_dir) -> dict[int, float]:
+    return {step: r["loss"] for step, r in step_rows(output_dir).items()}
+
+
+def usr1_once_training(job: str, log_path: Path, metrics: Path) -> int:
+    """Once the job's first step is logged, SIGUSR1 to its ranks (scancel --signal); its exit status."""
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):  # the first step is done
+            assert time.monotonic() < deadline, f"no step after {TIMEOUT_S} s:\n{read_log(log_path)[-5000:]}"
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env=slurm_env())
+        return wait_job(job, TIMEOUT_S, log_path)
+    finally:
+        subprocess.run(["scancel", job], timeout=30, env=slurm_env())
+
+
+def resumed_at(log: str) -> int:
+    return int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
 
 
 def assert_same_losses(output_dir, reference):
@@ -107,22 +128,12 @@ def test_slurm_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, r
     recipe, out_dir = two_rank_recipe(tmp_path, tiny_model_dir, requeue_on_signal=True, resume="auto")
     job, log_path = sbatch_submit(TRAIN_SBATCH, [SFT, "--recipe", recipe], sbatch_args=[*CPU_SBATCH, "--requeue"],
                                   workdir=tmp_path)
-    metrics = Path(out_dir) / "metrics.jsonl"
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
-            assert time.monotonic() < deadline, f"no metrics after {TIMEOUT_S} s:\n{read_log(log_path)[-5000:]}"
-            time.sleep(0.1)
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env=slurm_env())
-        rc = wait_job(job, TIMEOUT_S, log_path)
-    finally:
-        subprocess.run(["scancel", job], timeout=30, env=slurm_env())
+    rc = usr1_once_training(job, log_path, Path(out_dir) / "metrics.jsonl")
     log = read_log(log_path)
     assert rc == 0, log[-6000:]
     assert "stopped: " in log and f"requeued Slurm job {job}" in log, log[-6000:]
     assert "(restart 1)" in log and "resumed from " in log and "done: " in log, log[-6000:]
-    stopped_at = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
-    assert 0 < stopped_at < MAX_STEPS, log[-6000:]  # it did stop mid-run
+    assert 0 < resumed_at(log) < MAX_STEPS, log[-6000:]  # it did stop mid-run
     assert_same_losses(out_dir, reference)
 
 
@@ -155,11 +166,6 @@ def rl_recipe(tmp_path, tiny_model_dir, out: str, grad_accum: int, **train) -> s
     return write_recipe(tmp_path / f"{out}.yaml", recipe)
 
 
-def rl_rows(output_dir) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl")) if line.strip()]
-    return {r["step"]: r for r in rows if "loss" in r}  # a resumed run may log a step twice: the last row wins
-
-
 def test_slurm_rl_job_preempted_mid_run_requeues_and_resumes_to_the_one_rank_losses(slurm, tiny_model_dir, tmp_path):
     """An online-RL (GRPO) job under Slurm on 2 ranks, ZeRO-3: SIGUSR1 while it trains, a checkpoint, the
     requeue resumes it (inside a rollout where the stop fell there: the rollout's samples come from the
@@ -171,22 +177,12 @@ def test_slurm_rl_job_preempted_mid_run_requeues_and_resumes_to_the_one_rank_los
     recipe = rl_recipe(tmp_path, tiny_model_dir, "two", grad_accum=2, requeue_on_signal=True, resume="auto")
     job, log_path = sbatch_submit(TRAIN_SBATCH, [RL, "--recipe", recipe], env=env,
                                   sbatch_args=[*CPU_SBATCH, "--requeue"], workdir=tmp_path)
-    metrics = tmp_path / "two" / "metrics.jsonl"
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (metrics.exists() and '"loss"' in metrics.read_text()):  # the first step is done
-            assert time.monotonic() < deadline, f"no step after {TIMEOUT_S} s:\n{read_log(log_path)[-5000:]}"
-            time.sleep(0.1)
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30, env=slurm_env())
-        rc = wait_job(job, TIMEOUT_S, log_path)
-    finally:
-        subprocess.run(["scancel", job], timeout=30, env=slurm_env())
+    rc = usr1_once_training(job, log_path, tmp_path / "two" / "metrics.jsonl")
     log = read_log(log_path)
     assert rc == 0, log[-6000:]
     assert "2 rank(s) via slurm" in log and f"requeued Slurm job {job}" in log and "(restart 1)" in log, log[-6000:]
-    stopped_at = int(log.split("resumed from ")[1].split(" at step ")[1].split()[0])
-    assert 0 < stopped_at < 12 and "regenerated" not in log, log[-6000:]
-    one, two = rl_rows(tmp_path / "one"), rl_rows(tmp_path / "two")
+    assert 0 < resumed_at(log) < 12 and "regenerated" not in log, log[-6000:]
+    one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 13))
     for step in one:
         for key in ("loss", "policy_loss", "kl", "clip_frac", "ratio", "reward", "reward_std"):
@@ -218,7 +214,7 @@ def test_slurm_reward_model_job_matches_one_rank(slurm, tiny_model_dir, tmp_path
     rc = wait_job(job, TIMEOUT_S, log_path)
     log = read_log(log_path)
     assert rc == 0 and "2 rank(s) via slurm" in log and "done: " in log, log[-5000:]
-    one, two = (rl_rows(tmp_path / k) for k in ("one", "two"))
+    one, two = (step_rows(tmp_path / k) for k in ("one", "two"))
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         for key in ("loss", "reward_accuracy", "reward_margin", "chosen_reward"):  # rewards ~1e-2: abs 1e-5

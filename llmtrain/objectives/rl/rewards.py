@@ -75,7 +75,7 @@ def score(fns: list[RewardFn], prompts: list, completions: list[str], columns: d
     Missing values are 0 here; each is reported through `report` as "<prompt origin>: <fn>: <reason>"
     (origins: the prompts' file:line). Nothing here raises: a rank cannot decide alone that a function
     is broken while the others wait in a collective; the rollout decides on the all-gathered
-    missing flags (RolloutData._check_rewards) and imputes the group's mean (impute_group_means)."""
+    missing flags (RolloutData._gather_table) and imputes the group's mean (impute_group_means)."""
     n = len(completions)
     per_fn, missing, total = {}, {}, [0.0] * n
     for r in fns:

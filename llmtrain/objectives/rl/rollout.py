@@ -101,6 +101,7 @@ class RolloutData:
         self._last_rollout_end: Optional[float] = None
         self.vllm = None  # rl.generation_backend=vllm: the VLLMBackend (objectives/rl/vllm_backend.py)
         self.reward_failures = 0  # completions of this rank a reward function gave no value (rewards.score)
+        self._order: tuple = (None, None)  # (epoch, its permutation of the prompts): _prompt_at
 
     def report_reward_failure(self, line: str) -> None:
         """A reward function gave no value for a completion: counted; the first few lines of each rank are
@@ -123,7 +124,7 @@ class RolloutData:
         made once per epoch (not per prompt: O(n) each at 10^6 prompts would cost seconds per rollout)."""
         n = len(self.prompts)
         epoch = pos // n
-        if getattr(self, "_order", (None, None))[0] != epoch:
+        if self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.t.seed, epoch]).permutation(n))
         return int(self._order[1][pos % n])
 
@@ -275,10 +276,8 @@ class RolloutData:
         missing = {n: [v[i] for i in keep] for n, v in missing.items()}
         self.buffer = [{"prompt": pi, "completion": c, "truncated": tr, "adv": 0.0}
                        for pi, (c, tr) in zip(prompt_ids, completions)]
-        self._slot_columns = (torch.tensor([gen_tokens[a] / G for a in range(len(local)) for _ in range(G)],
-                                           dtype=torch.float64),
-                              torch.tensor([informative[a] / O for a in range(len(local)) for _ in range(G)],
-                                           dtype=torch.float64))
+        slot_cols = [torch.tensor([per_slot[a] / d for a in range(len(local)) for _ in range(G)], dtype=torch.float64)
+                     for per_slot, d in ((gen_tokens, G), (informative, O))]  # sums / means over sequences = per slot
         kl_seq = self._logps_for_buffer()
         rewards = torch.tensor(total, dtype=torch.float64)
         extra = {}
@@ -292,7 +291,8 @@ class RolloutData:
                 grpo_advantages(groups, scale_std=r.scale_std, eps=r.std_eps)
             for s, a in zip(self.buffer, adv.flatten().tolist()):
                 s["adv"] = a
-        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq, extra, missing)
+        metrics = self._gather_table(rewards, torch.tensor(total, dtype=torch.float64), per_fn, kl_seq, extra, missing,
+                                     slot_cols)
         if extra:
             metrics.update(self._finish_gae(metrics.pop("_extra")))
         metrics.pop("_extra", None)
@@ -344,20 +344,19 @@ class RolloutData:
                         s["k1"] = k1_tokens.cpu().tolist()
         return torch.tensor(k1, dtype=torch.float64) if want_k1 else None
 
-    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq, extra: dict | None = None,
-                      missing: dict | None = None) -> dict:
+    def _gather_table(self, rewards, raw_total, per_fn: dict, kl_seq, extra: dict, missing: dict,
+                      slot_cols: list) -> dict:
         """One all-gather of (completion length, prompt length, truncated, reward, raw reward, per-function
-        rewards, per-function missing flags[, k1 sum][, extra columns]) per sequence; sets the per-step token
-        counts and returns the rollout's global metrics, with the gathered extra columns under "_extra"
+        rewards, per-function missing flags, generated tokens of the slot's candidates / G, informative
+        candidates of the slot / O[, k1 sum][, extra columns]) per sequence; sets the per-step token counts
+        and returns the rollout's global metrics, with the gathered extra columns under "_extra"
         ({name: (all seqs,)})."""
-        names, extra, missing = sorted(per_fn), extra or {}, missing or {}
+        names = sorted(per_fn)
         cols = [torch.tensor([len(s["completion"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([len(s["prompt"]) for s in self.buffer], dtype=torch.float64),
                 torch.tensor([float(s["truncated"]) for s in self.buffer], dtype=torch.float64),
                 rewards, raw_total] + [torch.tensor(per_fn[n], dtype=torch.float64) for n in names]
-        cols += [torch.tensor(missing.get(n, [False] * len(self.buffer)), dtype=torch.float64) for n in names]
-        gen_col, informative_col = getattr(self, "_slot_columns", (cols[0], torch.ones(len(self.buffer), dtype=torch.float64)))
-        cols += [gen_col, informative_col]  # generated tokens (all candidates) / G; informative candidates / O
+        cols += [torch.tensor(missing[n], dtype=torch.float64) for n in names] + list(slot_cols)
         if kl_seq is not None:
             cols.append(kl_seq)
         first_extra = len(cols)
