@@ -10,7 +10,7 @@ a rerun on unchanged input is a no-op. Entries without `prepare_from` are only c
 
     llmtrain prepare --recipe recipes/debug/sft.yaml --task sft [--workers N]
 
-SFT/DPO recipes (--task sft|dpo): data.train and data.eval are prepared into data.cache_dir
+SFT/DPO/reward/RL recipes (--task sft|dpo|reward|rl; RL: the prompts): data.train and data.eval are prepared into data.cache_dir
 exactly as a training run would prepare them (e.g. on a CPU node before a GPU job); the run then
 starts from them.
 """

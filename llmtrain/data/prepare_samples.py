@@ -88,7 +88,7 @@ class TooManyBadRows(DataError):
 # --------------------------------------------------------------------------- identity and layout
 
 
-_ENCODING_MODULES = ("chat.py", "chat_render.py", "chat_spans.py", "sft.py", "preference.py", "sources.py", "samples.py",
+_ENCODING_MODULES = ("chat.py", "chat_render.py", "chat_spans.py", "sft.py", "preference.py", "prompts.py", "sources.py", "samples.py",
                      "sample_worker.py", "prepare_samples.py", "json_array.py")
 
 
@@ -349,7 +349,7 @@ class _Preparer:
                  "prepare": {"seconds": round(time.time() - self.started, 3), "ranks": self.req.world_size,
                              "workers_per_rank": self.workers, "finished_by": f"rank {self.rank} ({socket.gethostname()})"}}
         manifest = finalize_split(self.dir, sides, self.req.spec.seqs_per_unit, self.dtype, extra,
-                                  unit_values=self.req.spec.value_column is not None)
+                                  unit_values=self.req.spec.value_column is not None, payloads=self.req.spec.payloads)
         if os.path.exists(os.path.join(self.dir, FAILED_NAME)):
             os.remove(os.path.join(self.dir, FAILED_NAME))  # an earlier verdict under a lower data.max_bad_fraction
         cleanup_tmp(self.dir)
@@ -447,7 +447,8 @@ def _test_delays(rank: int) -> list[float]:
 def prepared_split(req: Request, tokenizer) -> tuple[SampleStore, BadRowReport]:
     """The split's samples, prepared now (together with the other ranks) or earlier; and its bad-row
     report. Raises TooManyBadRows above data.max_bad_fraction (every rank raises it)."""
-    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+    fast = getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer")
+    if not fast and req.spec.kind != "rl":  # RL prompts mask nothing
         raise ConfigError(f"{req.key}: the tokenizer ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "
                           "assistant masking needs its character offsets (use a model with a tokenizer.json)")
     reader = SplitReader(req.srcs, req.key)

@@ -17,10 +17,11 @@ from .sources import BadRow, Chunk, SplitReader
 
 @dataclass(frozen=True)
 class EncodeSpec:
-    """How rows become sequences: data.sft.encode_row (SFT) or data.preference.encode_pair (DPO).
+    """How rows become sequences: data.sft.encode_row (SFT), data.preference.encode_pair (DPO) or
+    data.prompts.encode_prompt (RL prompts: the ids and a payload per row, nothing trained).
     `options` are extra keyword arguments for them (sorted (name, value) pairs; part of the cache key)."""
 
-    kind: str  # "sft" | "dpo"
+    kind: str  # "sft" | "dpo" | "rl"
     max_seq_len: int
     truncation: str = "truncate"
     max_prompt_len: int = 1024
@@ -43,8 +44,22 @@ class EncodeSpec:
     def seqs_per_unit(self) -> int:
         return 2 if self.kind == "dpo" else 1
 
-    def encode(self, tokenizer, record: dict, fmt: str) -> Optional[list]:
-        """-> [(ids, labels), ...] (one unit), None when dropped for length; RowError when malformed."""
+    @property
+    def payloads(self) -> bool:
+        return self.kind == "rl"
+
+    def extra_columns(self, record: dict) -> list:
+        """The columns a payload keeps beside the prompt (the reward functions' keyword arguments)."""
+        from .prompts import CONVERSATION_FIELDS
+
+        return [k for k in record if k not in CONVERSATION_FIELDS]
+
+    def encode(self, tokenizer, record: dict, fmt: str, origin: str = "") -> Optional[list]:
+        """-> [(ids, labels[, payload]), ...] (one unit), None when dropped for length; RowError when malformed."""
+        if self.kind == "rl":
+            from .prompts import encode_prompt
+
+            return encode_prompt(tokenizer, record, fmt, self.max_prompt_len, origin)
         if self.kind == "dpo":
             from .preference import encode_pair
 
@@ -90,7 +105,7 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
     reader, spec, tok = _W["reader"], _W["spec"], _W["tok"]
     fmt = reader.srcs[chunk.source].format
     writer = ChunkWriter(_W["dir"], chunk_name(index), _W["dtype"])
-    rows, bad, dropped = 0, [], 0
+    rows, bad, dropped, columns = 0, [], 0, set()
     try:
         time.sleep(delay_s)  # test hook only (TEST_DELAY_ENV)
         for row in reader.read(chunk):
@@ -99,7 +114,7 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
                 bad.append([row.origin, row.reason])
                 continue
             try:
-                seqs = spec.encode(tok, row.record, fmt)
+                seqs = spec.encode(tok, row.record, fmt, row.origin)
                 value = spec.unit_value(row.record)
             except RowError as e:
                 bad.append([row.origin, str(e)])
@@ -107,15 +122,20 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
             if seqs is None:
                 dropped += 1
                 continue
-            for ids, labels in seqs:
-                writer.add(ids, labels)
+            for seq in seqs:  # (ids, labels[, payload])
+                writer.add(*seq)
+            if spec.payloads:
+                columns.update(spec.extra_columns(row.record))
             if value is not None:
                 writer.add_unit_value(value)
     except BaseException:
         writer.abort()
         raise
-    return writer.finish({"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start,
-                          "bad": bad, "dropped_too_long": dropped})
+    meta = {"index": index, "rows": rows, "planned_rows": chunk.row_stop - chunk.row_start, "bad": bad,
+            "dropped_too_long": dropped}
+    if spec.payloads:
+        meta["payload_columns"] = sorted(columns)
+    return writer.finish(meta)
 
 
 def chunk_name(index: int) -> str:

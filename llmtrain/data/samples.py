@@ -21,7 +21,9 @@ Layout of a prepared directory (each chunk = one row range of one source, see so
     plan.json             the chunks (row ranges of the sources), fixed by the first planner
     <c>.bin               one chunk: its token ids (uint16 when the vocab fits, else uint32, native
                           little-endian), then its loss mask (uint8, 1 where the token is a target:
-                          labels = ids there, else -100), then int32 (sequences, 2) as in index.npy
+                          labels = ids there, else -100), then int32 (sequences, 2) as in index.npy,
+                          then (only when the manifest says "payloads") each sequence's payload: UTF-8
+                          JSON bytes (an RL prompt's conversation, extra columns and file:line)
     <c>.json              sidecar: counts, bad rows with file:line, sha256; its presence marks the
                           chunk finished
     <c>.claim             while a process tokenizes the chunk (llmtrain.data.claims)
@@ -29,6 +31,8 @@ Layout of a prepared directory (each chunk = one row range of one source, see so
     values.npy            float32 (units,): a per-unit number read from a column (the reward model's
                           per-pair margin), only when the manifest says "unit_values"; each chunk's
                           values sit in its sidecar until the split is consolidated
+    payloads.npy          int32 (sequences,): each payload's length in bytes (when "payloads"), from
+                          the sidecars' "payload_lengths"; a store keeps it and its offsets (12 B/seq)
 Finished files are published first-wins and never replaced (llmtrain.data.files), so jobs sharing
 a cache directory never swap a file under a reader. The fingerprint (a hash of the sequences'
 content, independent of the chunking) is computed once, at preparation, and stored.
@@ -51,7 +55,7 @@ from .files import publish_json_once, publish_once, read_json, tmp_suffix, write
 FORMAT_NAME = "llmtrain.samples"
 FORMAT_VERSION = 2  # 2: one .bin per chunk, consolidated index.npy and bad_rows.jsonl
 MANIFEST_NAME, INDEX_NAME, BAD_ROWS_NAME = "manifest.json", "index.npy", "bad_rows.jsonl"
-VALUES_NAME = "values.npy"
+VALUES_NAME, PAYLOADS_NAME = "values.npy", "payloads.npy"
 
 
 class SampleStoreError(RuntimeError):
@@ -197,8 +201,12 @@ class ChunkWriter:
         self._lengths: list[int] = []
         self._values: list[float] = []  # one per unit, when the spec reads a value column
         self._targets: list[int] = []
+        self._tmp_payload = os.path.join(directory, f".{name}.payload{suffix}")
+        self._payload = None  # opened by the first payload
+        self._payload_lengths: list[int] = []
 
-    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, labels: np.ndarray, payload: Optional[bytes] = None) -> None:
+        """One sequence; payload: bytes stored beside it (all of a chunk's sequences have one, or none)."""
         trained = labels != IGNORE_INDEX
         if not np.array_equal(labels[trained], ids[trained]):  # the storage keeps a mask, not labels
             raise ValueError("a row encoder returned labels that are neither the token id nor IGNORE_INDEX; "
@@ -211,7 +219,14 @@ class ChunkWriter:
         self._sha.update(ids_buf)
         self._mask.write(mask_buf)
         self._mask_sha.update(mask_buf)
-        self._content = _fold(self._content, _seq_digest(ids, trained), 1)
+        if (payload is None) != (self._payload is None) and self._lengths:
+            raise ValueError("either every sequence of a chunk has a payload or none has")
+        if payload is not None:
+            if self._payload is None:
+                self._payload = open(self._tmp_payload, "wb")
+            self._payload.write(payload)
+            self._payload_lengths.append(len(payload))
+        self._content = _fold(self._content, _seq_digest(ids, trained, payload), 1)
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 
@@ -232,10 +247,18 @@ class ChunkWriter:
             while block := f.read(1 << 20):
                 self._ids.write(block)
         self._ids.write(seqs.tobytes())
-        self._ids.close()
-        os.remove(self._tmp_mask)
         self._sha.update(self._mask_sha.digest())
         self._sha.update(seqs.tobytes())
+        if self._payload is not None:  # ids | mask | seqs | payloads
+            self._payload.close()
+            with open(self._tmp_payload, "rb") as f:
+                while block := f.read(1 << 20):
+                    self._ids.write(block)
+                    self._sha.update(block)
+            os.remove(self._tmp_payload)
+            meta = {**meta, "payload_lengths": self._payload_lengths}
+        self._ids.close()
+        os.remove(self._tmp_mask)
         if self._values:  # a few bytes per unit: in the sidecar, consolidated into values.npy at the end
             self._sha.update(np.asarray(self._values, dtype=np.float32).tobytes())
             meta = {**meta, "unit_values": [float(v) for v in self._values]}
@@ -247,9 +270,10 @@ class ChunkWriter:
         return read_sidecar(side_path) or side
 
     def abort(self) -> None:
-        for f in (self._ids, self._mask):
-            f.close()
-        for tmp in (self._tmp_bin, self._tmp_mask):
+        for f in (self._ids, self._mask, self._payload):
+            if f is not None:
+                f.close()
+        for tmp in (self._tmp_bin, self._tmp_mask, self._tmp_payload):
             if os.path.exists(tmp):
                 os.remove(tmp)
 
@@ -268,20 +292,22 @@ def chunk_done(directory: str, name: str, dtype: np.dtype) -> Optional[dict]:
         size = os.path.getsize(os.path.join(directory, name + ".bin"))
     except OSError:
         return None
-    return side if size == _bin_size(side["num_tokens"], side["num_seqs"], np.dtype(dtype)) else None
+    expected = _bin_size(side["num_tokens"], side["num_seqs"], np.dtype(dtype)) + sum(side.get("payload_lengths", ()))
+    return side if size == expected else None
 
 
 def _bin_size(num_tokens: int, num_seqs: int, dtype: np.dtype) -> int:
-    return num_tokens * (dtype.itemsize + 1) + num_seqs * 8
+    return num_tokens * (dtype.itemsize + 1) + num_seqs * 8  # without payloads
 
 
 # --------------------------------------------------------------------------- one split from its chunks
 
 
 def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype, extra: Optional[dict] = None,
-                   unit_values: bool = False) -> dict:
+                   unit_values: bool = False, payloads: bool = False) -> dict:
     """Consolidate finished chunks into index.npy, bad_rows.jsonl, values.npy (unit_values: the
-    sidecars' per-unit values) and (last) manifest.json, each published first-wins; returns the
+    sidecars' per-unit values), payloads.npy (payloads: their payload lengths) and (last)
+    manifest.json, each published first-wins; returns the
     manifest in place. O(chunks) reads, once, in one process, so that every rank's later open reads
     two or three files."""
     dtype = np.dtype(dtype)
@@ -305,10 +331,13 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
         # the values are part of the data: the same pairs with other margins must not resume as the same run
         fingerprint = hashlib.sha256(f"{fingerprint}|values|{hashlib.sha256(values.tobytes()).hexdigest()}"
                                      .encode()).hexdigest()[:16]
-        values_tmp = os.path.join(directory, VALUES_NAME + tmp_suffix())
-        with open(values_tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
-            np.save(f, values)
-        publish_once(values_tmp, os.path.join(directory, VALUES_NAME))
+        _save_npy_once(directory, VALUES_NAME, values)
+    if payloads:
+        lengths = np.asarray([n for s in sides for n in s.get("payload_lengths", [])], dtype=np.int32)
+        if len(lengths) != n_seqs:
+            raise SampleStoreError(f"{directory}: {len(lengths)} payloads for {n_seqs} sequences")
+        _save_npy_once(directory, PAYLOADS_NAME, lengths)
+        extra = {**(extra or {}), "payload_columns": sorted({c for s in sides for c in s.get("payload_columns", [])})}
     bad = [b for s in sides for b in s.get("bad", [])]
     if bad:
         bad_tmp = os.path.join(directory, BAD_ROWS_NAME + tmp_suffix())
@@ -322,12 +351,19 @@ def finalize_split(directory: str, sides: list[dict], seqs_per_unit: int, dtype,
         "num_seqs": n_seqs, "num_tokens": sum(s["num_tokens"] for s in sides),
         "rows": sum(s.get("rows", 0) for s in sides), "bad_rows": len(bad),
         "dropped_too_long": sum(s.get("dropped_too_long", 0) for s in sides),
-        "fingerprint": fingerprint, "unit_values": unit_values, **(extra or {}),
+        "fingerprint": fingerprint, "unit_values": unit_values, "payloads": payloads, **(extra or {}),
     }
     path = os.path.join(directory, MANIFEST_NAME)
     if not publish_json_once(path, manifest):
         manifest = read_sidecar(path) or manifest
     return manifest
+
+
+def _save_npy_once(directory: str, name: str, array: np.ndarray) -> None:
+    tmp = os.path.join(directory, name + tmp_suffix())
+    with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy"
+        np.save(f, array)
+    publish_once(tmp, os.path.join(directory, name))
 
 
 def read_bad_rows(directory: str) -> list[tuple[str, str]]:
@@ -346,9 +382,12 @@ _P = (1 << 61) - 1
 _B = 0x5DEECE66D2F1A3B
 
 
-def _seq_digest(ids: np.ndarray, trained: np.ndarray) -> int:
+def _seq_digest(ids: np.ndarray, trained: np.ndarray, payload: Optional[bytes] = None) -> int:
     h = hashlib.sha256(ids.astype(np.int32).tobytes())
     h.update(trained.astype(np.uint8).tobytes())
+    if payload is not None:  # e.g. an RL prompt's gold answer: the same prompts with other answers differ
+        h.update(b"payload")
+        h.update(payload)
     return int.from_bytes(h.digest()[:8], "little") % _P
 
 
@@ -409,18 +448,36 @@ class SampleStore(_Samples):
         # eval_fraction view reads this same store: the LRU must not close an fd another thread uses
         self._lock = threading.Lock()
         self._unit_lengths = None
-        self._values = self._load_values() if m.get("unit_values") else None
+        self._values = self._load_array(VALUES_NAME, len(self)) if m.get("unit_values") else None
+        self._payload_starts = None
+        if m.get("payloads"):  # byte offset of sequence j's payload in its chunk's .bin
+            lengths = self._load_array(PAYLOADS_NAME, self.num_seqs)
+            self._payload_len = lengths
+            starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            chunk_base = starts[self._chunk_seq0]  # (chunks + 1,) payload bytes before each chunk
+            owner = np.repeat(np.arange(len(seq_counts)), seq_counts)
+            fixed = tok_counts * (self.dtype.itemsize + 1) + seq_counts * 8  # ids | mask | seqs, per chunk
+            self._payload_starts = starts[:-1] - chunk_base[owner] + fixed[owner]  # (num_seqs,) int64
 
-    def _load_values(self) -> np.ndarray:
-        path = os.path.join(self.dir, VALUES_NAME)
+    def _load_array(self, name: str, n: int) -> np.ndarray:
+        path = os.path.join(self.dir, name)
         try:
             values = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise SampleStoreError(f"{path} is missing or unreadable ({e}); delete {self.dir} to prepare again") from None
-        if values.shape != (len(self),):
-            raise SampleStoreError(f"{path} holds {values.shape} values for {len(self)} units; delete {self.dir} "
-                                   "to prepare again")
+        if values.shape != (n,):
+            raise SampleStoreError(f"{path} holds {values.shape} values for {n}; delete {self.dir} to prepare again")
         return values
+
+    def payload(self, j: int) -> bytes:
+        """Sequence j's payload bytes (a store prepared with payloads); one pread."""
+        if self._payload_starts is None:
+            raise SampleStoreError(f"{self.dir} was prepared without payloads")
+        if not 0 <= j < self.num_seqs:
+            raise IndexError(f"sequence {j} outside 0..{self.num_seqs - 1}")
+        c = int(np.searchsorted(self._chunk_seq0, j, side="right")) - 1
+        with self._lock:
+            return self._pread(c, np.dtype(np.uint8), int(self._payload_starts[j]), int(self._payload_len[j])).tobytes()
 
     def unit_values(self) -> Optional[np.ndarray]:
         return self._values

@@ -2,7 +2,6 @@
 derived in a comment), and the keyed rollout sampler's batch invariance."""
 import math
 
-import numpy as np
 import torch
 
 from llmtrain.losses.rl import (gae, grpo_advantages, kl_k1_tokens, kl_k3, kl_k3_tokens, outcome_token_rewards,
@@ -144,17 +143,11 @@ def test_keyed_sampler_is_batch_invariant(tiny_model_dir):
     assert greedy != whole  # sampling at T=1 on a random model does differ from greedy
 
 
-def test_batch_shape_rewards_and_prompt_rows(tmp_path):
-    import json
-
+def test_batch_shape_and_rewards():
     import pytest
-    from transformers import AutoTokenizer
 
-    from conftest import TOKENIZER
-    from llmtrain.config import DataConfig, RLConfig, TrainConfig
-    from llmtrain.data.chat import ensure_chat_template
+    from llmtrain.config import RLConfig, TrainConfig
     from llmtrain.errors import ConfigError
-    from llmtrain.objectives.rl.prompts import load_prompts
     from llmtrain.objectives.rl.rewards import exact_match, load_reward_fns, score
     from llmtrain.objectives.rl.rollout import check_batch_shape
 
@@ -173,23 +166,6 @@ def test_batch_shape_rewards_and_prompt_rows(tmp_path):
     from llmtrain.objectives.rl.rewards import prefix_match  # common prefix / longer length, by hand:
     assert prefix_match(None, [" 1234 ", "1245", "12345", "", "9"], ["1234", "1234", "1234", "12", "1"]) == \
         [1.0, 2 / 4, 4 / 5, 0.0, 0.0]
-
-    rows = [{"messages": [{"role": "user", "content": "Reverse 12"}], "answer": "21"},
-            {"instruction": "Reverse the digits.", "input": "345", "output": "543", "answer": "543"},
-            {"prompt": "Reverse 9" * 80, "answer": "x"},  # too long: a counted bad row
-            {"prompt": "Reverse 67", "answer": "76", "level": 2}]
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in rows) + "\n{bad json\n")
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    ensure_chat_template(tok)
-    d = DataConfig(train=[str(path)], max_prompt_len=40, max_bad_fraction=0.5)
-    ps = load_prompts(d, "data.train", tok)
-    assert [m[-1]["content"] for m in ps.messages] == ["Reverse 12", "Reverse the digits.\n\n345", "Reverse 67"]
-    assert ps.columns["answer"] == ["21", "543", "76"] and ps.columns["level"] == [None, None, 2]
-    assert all(t.dtype == np.int32 and t.tolist() == tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                        add_special_tokens=False).input_ids for t, m in zip(ps.token_ids, ps.messages))
-    with pytest.raises(Exception, match="above data.max_bad_fraction"):
-        load_prompts(DataConfig(train=[str(path)], max_prompt_len=40), "data.train", tok)
 
 
 def test_reward_model_reward_is_the_head_at_the_conversation_end(tmp_path, tiny_model_dir):

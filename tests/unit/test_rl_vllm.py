@@ -62,8 +62,8 @@ def test_vllm_outputs_convert_to_generate_form_in_sample_order():
 
 def test_default_max_model_len_is_longest_prompt_plus_budget():
     r = RLConfig(max_new_tokens=7)
-    data = SimpleNamespace(prompts=SimpleNamespace(token_ids=[[1] * 5, [1] * 12]),
-                           eval_prompts=SimpleNamespace(token_ids=[[1] * 20]))
+    data = SimpleNamespace(prompts=SimpleNamespace(max_len=lambda: 12),  # a PromptSet's longest prompt
+                           eval_prompts=SimpleNamespace(max_len=lambda: 20))
     assert max_model_len(r, data) == 27
     assert max_model_len(r, SimpleNamespace(prompts=data.prompts, eval_prompts=None)) == 19
     assert max_model_len(RLConfig(vllm_max_model_len=4096), data) == 4096

@@ -18,6 +18,7 @@ from ...config import Config, RLConfig, TrainConfig
 from ...data.labels import IGNORE_INDEX
 from ...data.protocol import DataContext, EvalSet
 from ...data.shards.recipe import PrepareOptions
+from ...data.splits import prepare_splits
 from ...errors import ConfigError
 from ...losses import shift_labels, token_logps_from_logits
 from ...losses.rl import kl_k1_tokens, kl_k3_tokens, masked_entropy_sum, policy_loss_sum
@@ -66,8 +67,8 @@ class RL(Objective):
         fns = load_reward_fns(self.r.reward_fns, self.r.reward_weights, self.r.where)
         if self.r.reward_model is not None:
             fns.append(RewardFn("reward_model", RewardModelFn(self.r.reward_model, ctx.info.device), 1.0))
-        prompts = load_prompts(ctx.data, "data.train", ctx.tokenizer)
-        evals = load_prompts(ctx.data, "data.eval", ctx.tokenizer) if ctx.data.eval else None
+        prompts = load_prompts(ctx, "data.train")
+        evals = load_prompts(ctx, "data.eval") if ctx.data.eval else None
         pack_len = ctx.data.max_seq_len if ctx.data.packing else None
         if pack_len is not None and pack_len < ctx.data.max_prompt_len + self.r.max_new_tokens:
             raise ConfigError(f"{ctx.data.where('data.max_seq_len')}: data.max_seq_len={pack_len} is the packed row "
@@ -82,7 +83,7 @@ class RL(Objective):
         return self.data
 
     def prepare_data(self, ctx: DataContext, opts: PrepareOptions) -> None:
-        dist.print0("rl: prompts are read when the run starts; nothing to prepare")
+        prepare_splits(ctx, "rl", opts.workers)  # the prompts, where build_data finds them
 
     def setup(self, run: RunContext) -> None:
         disable_dropout(run.engine.module)  # old/ref/new log-probs of one sequence must agree at ratio 1
@@ -159,15 +160,15 @@ class RL(Objective):
         data, r = self.data, self.r
         ps = data.eval_prompts
         mine = eval_set.batches
-        prompts = [ps.token_ids[i].tolist() for i in mine]
+        prompts = [ps.ids(i) for i in mine]
         if self.vllm is not None:
             outs = self.vllm.greedy(engine, self.stage, prompts, r.max_new_tokens, data.stop_ids)
         else:
             outs = self._greedy_hf(engine, prompts, device)
         texts = data.tok.batch_decode([c for c, _ in outs], skip_special_tokens=True)
-        columns = {k: [v[i] for i in mine] for k, v in ps.columns.items()}
-        total, per_fn, missing = score(data.reward_fns, [ps.messages[i] for i in mine], texts, columns,
-                                       [ps.origins[i] for i in mine], data.report_reward_failure) if mine else ([], {}, {})
+        messages, columns, origins = ps.rows(mine)
+        total, per_fn, missing = score(data.reward_fns, messages, texts, columns, origins,
+                                       data.report_reward_failure) if mine else ([], {}, {})
         names = [f.name for f in data.reward_fns]
         local = torch.tensor([sum(total)] + [sum(per_fn.get(n, [])) for n in names] +
                              [sum(missing.get(n, [])) for n in names], dtype=torch.float64, device=device)
@@ -184,7 +185,7 @@ class RL(Objective):
         with generation.generation_mode(engine, self.stage, r.zero3_gather) as synced:
             if synced:  # the hooks path: every rank runs as many generate calls (dummy prompts fill the gap)
                 n = generation.batches_needed(len(prompts), r.generation_batch_size, device) * r.generation_batch_size
-                prompts = prompts + [data.eval_prompts.token_ids[0].tolist()] * (n - len(prompts))
+                prompts = prompts + [data.eval_prompts.ids(0)] * (n - len(prompts))
             return generation.generate(engine.module, prompts, keys=None, seed=0, temperature=1.0, top_p=1.0,
                                        max_new_tokens=r.max_new_tokens, stop_ids=data.stop_ids,
                                        pad_id=data.tok.pad_token_id, batch_size=r.generation_batch_size,

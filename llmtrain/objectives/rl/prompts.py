@@ -1,81 +1,48 @@
-"""Prompts for rollouts: rows of the usual data formats without their final assistant turn, or a
-`prompt` field (text or messages), with every other column kept for the reward functions."""
+"""Prompts for rollouts, read by position from a prepared split.
+
+A row of the usual data formats without its final assistant turn, or a `prompt` field (text or
+messages), with every other column kept for the reward functions (llmtrain.data.prompts encodes a
+row). The split is prepared once by all ranks together into the content-keyed cache, exactly as SFT
+data is (llmtrain.data.prepare_samples: chunks tokenized in parallel, bad rows with file:line,
+resumable, `llmtrain prepare` ahead of a run); every rank then reads a prompt when a rollout draws
+it: per prompt 28 bytes stay resident (the store's index and payload offsets), not its tokens,
+conversation or columns (the in-memory version every rank built before took 1.25 KB per prompt
+and ~100 s per 10^6 prompts on every rank; bench/rl_prompts_scale.py).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
-
-from ...config import DataConfig, sources
-from ...data.chat import normalize_message, to_messages
-from ...data.sources import BadRow, BadRowReport, SplitReader, expand, fingerprint, is_hub
-from ...errors import DataError
-
-_CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "instruction", "input", "output", "chosen", "rejected")
+from ...data.prompts import decode_payload
+from ...data.protocol import DataContext
+from ...data.splits import load_split
 
 
-@dataclass
 class PromptSet:
-    messages: list  # per prompt: the conversation up to the answer to generate
-    token_ids: list  # per prompt: the rendered generation prompt's token ids (np.int32: ~7x less RAM than ints)
-    columns: dict  # column name -> per-prompt values (e.g. answer)
-    fingerprint: str  # identity of the source files (resume checks)
-    origins: list = field(default_factory=list)  # per prompt: its row's "file:line" (reward failure reports)
+    """Prompt p's token ids (`ids`) and, for the reward functions, its conversation, extra columns and
+    file:line (`rows`); `column_names`: every extra column of the split (a row without one gets None)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.column_names = list(store.manifest.get("payload_columns", []))
+        self.fingerprint = store.fingerprint()  # of the ids and payloads: answers are part of the data
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.store)
+
+    def ids(self, p: int) -> list[int]:
+        return self.store.seq(p)[0].tolist()
+
+    def max_len(self) -> int:
+        return int(self.store.seq_lengths().max())
+
+    def rows(self, pids: list[int]) -> tuple[list, dict, list]:
+        """(messages, {column: values}, origins) of these prompts, in order (repeats allowed: read once)."""
+        decoded = {p: decode_payload(self.store.payload(p)) for p in dict.fromkeys(pids)}
+        messages = [decoded[p][0] for p in pids]
+        columns = {name: [decoded[p][1].get(name) for p in pids] for name in self.column_names}
+        return messages, columns, [decoded[p][2] for p in pids]
 
 
-def _prompt_messages(record: dict) -> list[dict]:
-    prompt = record.get("prompt")
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list):
-        return [dict(m) for m in prompt]
-    if isinstance(record.get("messages"), list):  # a prompt-only conversation has no assistant turn to validate
-        messages = [normalize_message(m, i) for i, m in enumerate(record["messages"])]
-    else:
-        messages = to_messages(record)
-    while messages and messages[-1]["role"] == "assistant":  # the answer is what the policy generates
-        messages = messages[:-1]
-    if not messages:
-        raise ValueError("no prompt left once the final assistant turn is removed")
-    return messages
-
-
-def load_prompts(d: DataConfig, key: str, tokenizer) -> PromptSet:
-    """Every row of data.train / data.eval as a prompt; rows longer than data.max_prompt_len tokens
-    or without a prompt are counted and skipped (one error line above data.max_bad_fraction)."""
-    srcs = sources(d, key)
-    report = BadRowReport()
-    messages, ids, rows, origins = [], [], [], []
-    for row, _ in SplitReader(srcs, key).rows():
-        report.total += 1
-        if isinstance(row, BadRow):
-            report.add(row)
-            continue
-        try:
-            msgs = _prompt_messages(row.record)
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - one bad row is counted, never fatal (DESIGN.md)
-            report.add(BadRow(row.origin, f"no prompt: {e}"))
-            continue
-        tok = tokenizer(text, add_special_tokens=False).input_ids
-        if len(tok) > d.max_prompt_len:
-            report.add(BadRow(row.origin, f"prompt of {len(tok)} tokens > data.max_prompt_len={d.max_prompt_len}"))
-            continue
-        messages.append(msgs)
-        ids.append(np.asarray(tok, dtype=np.int32))
-        rows.append({k: v for k, v in row.record.items() if k not in _CONVERSATION_FIELDS})  # the extra columns only
-        origins.append(row.origin)
-    try:
-        report.check(d.max_bad_fraction, key)
-    except Exception as e:  # data.sources' own DataError is not yet an LlmtrainError: one error line either way
-        raise DataError(str(e)) from None
-    if not messages:
-        raise DataError(f"{key}: no usable prompt in {', '.join(s.path for s in srcs)}")
-    names = sorted({k for r in rows for k in r})
-    columns = {k: [r.get(k) for r in rows] for k in names}
-    paths = [p for s in srcs if not is_hub(s) for p in expand(s.path, key)]  # hub ids: named by the recipe
-    return PromptSet(messages, ids, columns, fingerprint(paths), origins)
-
+def load_prompts(ctx: DataContext, key: str) -> PromptSet:
+    """data.train / data.eval as prompts; rows longer than data.max_prompt_len tokens or without a
+    prompt are counted bad rows with file:line (one error line above data.max_bad_fraction)."""
+    return PromptSet(load_split(ctx, key, "rl"))

@@ -256,15 +256,14 @@ class RolloutData:
         # samples (keyed by position), do not depend on the world size
         cands = [first + j * P + i for i in local for j in range(O)]
         pids = [self._prompt_at(c) for c in cands]
-        prompt_ids = [self.prompts.token_ids[p].tolist() for p in pids for _ in range(G)]
+        prompt_ids = [ids for ids in map(self.prompts.ids, pids) for _ in range(G)]
         keys = [(k, c, g) for c in cands for g in range(G)]
         completions = self._generate(prompt_ids, keys)
         gen_sec = time.perf_counter() - t0
         texts = self.tok.batch_decode([c for c, _ in completions], skip_special_tokens=True)
         rep = [p for p in pids for _ in range(G)]  # prompt of each sequence
-        columns = {name: [values[p] for p in rep] for name, values in self.prompts.columns.items()}
-        total, per_fn, missing = score(self.reward_fns, [self.prompts.messages[p] for p in rep], texts, columns,
-                                       [self.prompts.origins[p] for p in rep], self.report_reward_failure)
+        messages, columns, origins = self.prompts.rows(rep)
+        total, per_fn, missing = score(self.reward_fns, messages, texts, columns, origins, self.report_reward_failure)
         if any(any(flags) for flags in missing.values()):  # neither rewarded nor punished against its group
             total = impute_group_means(per_fn, missing, {f.name: f.weight for f in self.reward_fns}, G)
         gen_tokens = [sum(len(completions[(a * O + j) * G + g][0]) for j in range(O) for g in range(G))

@@ -73,7 +73,7 @@ def max_model_len(r: RLConfig, data) -> int:
     if r.vllm_max_model_len > 0:
         return r.vllm_max_model_len
     sets = [data.prompts] + ([data.eval_prompts] if data.eval_prompts is not None else [])
-    return max(len(p) for s in sets for p in s.token_ids) + r.max_new_tokens
+    return max(s.max_len() for s in sets) + r.max_new_tokens
 
 
 def vllm_dtype(ds_config: dict) -> str:
