@@ -49,7 +49,7 @@ from .coordination import SAY_EVERY_S, ChunkCounter, default_store, say, storage
 from .cpu_quota import usable_cpus
 from .files import cleanup_tmp, publish_json_once, write_json_atomic
 from .sample_worker import EncodeSpec, chunk_name, clear_worker, init_worker, run_chunk  # noqa: F401 (EncodeSpec: API)
-from .samples import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, SampleStore, SampleStoreError, chunk_done, finalize_split, read_bad_rows
+from .samples import FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PAYLOADS_NAME, VALUES_NAME, SampleStore, SampleStoreError, chunk_done, finalize_split, read_bad_rows
 from .shards.store import dtype_for_vocab
 from .sources import BadRow, BadRowReport, Chunk, DataError, SplitReader
 
@@ -475,7 +475,7 @@ def _open_if_prepared(directory: str) -> Optional[SampleStore]:
     except SampleStoreError as e:
         # finished files are never replaced, so the damaged consolidated ones move aside (chunks stay)
         print(f"warning: {e}; preparing it again", file=sys.stderr, flush=True)
-        for name in (MANIFEST_NAME, INDEX_NAME):
+        for name in (MANIFEST_NAME, INDEX_NAME, VALUES_NAME, PAYLOADS_NAME):
             try:
                 os.replace(os.path.join(directory, name), os.path.join(directory, f"{name}.damaged-{os.getpid()}"))
             except FileNotFoundError:

@@ -9,7 +9,9 @@ import json
 
 import numpy as np
 
-from .chat import RowError, normalize_message, to_messages
+from .chat import RowError, normalize_message, row_tools, to_messages
+from .chat_base import DEFAULT_OPTIONS, ChatOptions
+from .chat_render import Renderer, template_view
 from .labels import IGNORE_INDEX
 
 CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "instruction", "input", "output", "chosen", "rejected")
@@ -32,25 +34,29 @@ def prompt_messages(record: dict, fmt: str = "auto") -> list[dict]:
     return messages
 
 
-def encode_prompt(tokenizer, record: dict, fmt: str, max_prompt_len: int, origin: str) -> list[tuple]:
-    """One row -> [(ids, labels, payload)]: the rendered generation prompt's ids (no trained token),
-    and the payload bytes (decode_payload); RowError when it has no prompt or exceeds max_prompt_len."""
+def encode_prompt(tokenizer, record: dict, fmt: str, max_prompt_len: int, origin: str, *,
+                  chat: ChatOptions = DEFAULT_OPTIONS) -> list[tuple]:
+    """One row -> [(ids, labels, payload, identity)]: the generation prompt's ids (no trained token),
+    rendered as SFT renders (the row's tools, data.template_date: a cached preparation does not depend
+    on the day it ran); the payload bytes (decode_payload) and the part of them that is the data's
+    identity (without the file:line: moving or re-spelling a file is not new data). RowError when the
+    row has no prompt or exceeds max_prompt_len."""
     try:
         messages = prompt_messages(record, fmt)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = Renderer(tokenizer, row_tools(record), chat)(template_view(messages), add_generation_prompt=True)
+        ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int32)
     except RowError:
         raise
-    except Exception as e:  # noqa: BLE001 - a template's own raise (e.g. roles out of order): one counted bad row
+    except Exception as e:  # noqa: BLE001 - e.g. a row's value the tokenizer refuses: one counted bad row
         raise RowError(f"no prompt: {e}") from None
-    ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int32)
     if len(ids) > max_prompt_len:
         raise RowError(f"prompt of {len(ids)} tokens > data.max_prompt_len={max_prompt_len}")
     extra = {k: v for k, v in record.items() if k not in CONVERSATION_FIELDS}  # = EncodeSpec.extra_columns
-    try:
-        payload = json.dumps({"m": messages, "c": extra, "o": origin}, ensure_ascii=False).encode()
-    except (TypeError, ValueError) as e:  # a Parquet column of a type JSON has no form for
-        raise RowError(f"a column cannot be kept for the reward functions: {e}") from None
-    return [(ids, np.full(len(ids), IGNORE_INDEX, dtype=np.int64), payload)]
+    # default=str: a column JSON has no type for (a Parquet timestamp, Decimal, bytes) reaches the reward
+    # functions as its str() instead of costing the row; ASCII escapes keep a lone surrogate encodable
+    content = json.dumps({"m": messages, "c": extra}, default=str)
+    payload = json.dumps({"m": messages, "c": extra, "o": origin}, default=str).encode()
+    return [(ids, np.full(len(ids), IGNORE_INDEX, dtype=np.int64), payload, content.encode())]
 
 
 def decode_payload(raw: bytes) -> tuple[list, dict, str]:

@@ -59,7 +59,7 @@ class EncodeSpec:
         if self.kind == "rl":
             from .prompts import encode_prompt
 
-            return encode_prompt(tokenizer, record, fmt, self.max_prompt_len, origin)
+            return encode_prompt(tokenizer, record, fmt, self.max_prompt_len, origin, **dict(self.options))
         if self.kind == "dpo":
             from .preference import encode_pair
 
@@ -122,7 +122,7 @@ def run_chunk(index: int, chunk: Chunk, delay_s: float = 0.0) -> dict:
             if seqs is None:
                 dropped += 1
                 continue
-            for seq in seqs:  # (ids, labels[, payload])
+            for seq in seqs:  # (ids, labels[, payload, identity])
                 writer.add(*seq)
             if spec.payloads:
                 columns.update(spec.extra_columns(row.record))

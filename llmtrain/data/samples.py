@@ -205,8 +205,10 @@ class ChunkWriter:
         self._payload = None  # opened by the first payload
         self._payload_lengths: list[int] = []
 
-    def add(self, ids: np.ndarray, labels: np.ndarray, payload: Optional[bytes] = None) -> None:
-        """One sequence; payload: bytes stored beside it (all of a chunk's sequences have one, or none)."""
+    def add(self, ids: np.ndarray, labels: np.ndarray, payload: Optional[bytes] = None,
+            identity: Optional[bytes] = None) -> None:
+        """One sequence; payload: bytes stored beside it (all of a chunk's sequences have one, or none);
+        identity: what of the payload is the data's content (default: all of it), for the fingerprint."""
         trained = labels != IGNORE_INDEX
         if not np.array_equal(labels[trained], ids[trained]):  # the storage keeps a mask, not labels
             raise ValueError("a row encoder returned labels that are neither the token id nor IGNORE_INDEX; "
@@ -226,7 +228,7 @@ class ChunkWriter:
                 self._payload = open(self._tmp_payload, "wb")
             self._payload.write(payload)
             self._payload_lengths.append(len(payload))
-        self._content = _fold(self._content, _seq_digest(ids, trained, payload), 1)
+        self._content = _fold(self._content, _seq_digest(ids, trained, payload if identity is None else identity), 1)
         self._lengths.append(len(ids))
         self._targets.append(int(trained[1:].sum()))
 

@@ -95,3 +95,25 @@ def test_prompts_keep_no_token_or_row_in_memory(tmp_path):
     assert sum(a.nbytes for a in arrays) <= 40 * len(ps)
     assert not any(isinstance(v, (list, dict)) and len(v) >= len(ps) for v in vars(store).values())
     assert ps.rows([2999])[1]["answer"] == ["9992000"]
+
+
+def test_prompts_do_not_depend_on_the_files_spelling_or_the_day(tmp_path):
+    """The fingerprint leaves out file:line (a moved or re-spelled file is the same data, so a resume is
+    exact); a template that prints today's date renders data.template_date (a cached preparation does
+    not depend on the day it ran); a lone surrogate in a column is kept, not a bad row."""
+    import os
+
+    tok = _tok()
+    tok.chat_template = "{{ strftime_now('%Y-%m-%d') }}|{% for m in messages %}{{ m['content'] }}\n{% endfor %}A:"
+    a = tmp_path / "a" / "p.jsonl"
+    a.parent.mkdir()
+    rows = [ROWS[0], {"prompt": "Reverse 5", "answer": "\ud800"}]
+    a.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    b = tmp_path / "b" / "q.jsonl"
+    b.parent.mkdir()
+    os.link(a, b)
+    pa = load_prompts(_ctx(tmp_path / "x", a, tok, template_date="2024-01-02"), "data.train")
+    pb = load_prompts(_ctx(tmp_path / "y", b, tok, template_date="2024-01-02"), "data.train")
+    assert pa.fingerprint == pb.fingerprint and pa.rows([0])[2] != pb.rows([0])[2]
+    assert pa.ids(0) == tok("2024-01-02|Reverse 12\nA:", add_special_tokens=False).input_ids
+    assert pa.rows([1])[1]["answer"] == ["\ud800"]
